@@ -1,0 +1,92 @@
+"""Contracts between the core and the platform adapters.
+
+The core never imports an adapter. It holds :class:`CustomerChannel` objects keyed by
+platform name and :class:`OperatorChannel` objects that fan out operator work; each
+adapter module implements them for its platform.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from core.messages import Reply
+
+if TYPE_CHECKING:
+    from core.operators import TicketView
+    from core.pipeline import Pipeline
+
+
+class ReplyStream(ABC):
+    """One bot reply being generated, shown to the customer while it grows.
+
+    The core calls :meth:`begin` once, :meth:`update` with the whole text so far as
+    tokens arrive (the adapter decides how often to really edit a message), then
+    exactly one of :meth:`finish` or :meth:`abort`.
+    """
+
+    __slots__ = ()
+
+    @abstractmethod
+    async def begin(self) -> None:
+        """Show that a reply is coming (a typing indicator)."""
+
+    @abstractmethod
+    async def update(self, text_so_far: str) -> None:
+        """Show the partial reply; may be throttled or ignored by the platform."""
+
+    @abstractmethod
+    async def finish(self, reply: Reply) -> str:
+        """Show the final reply; returns the platform message id of what was sent."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Withdraw a partial reply (the conversation was handed to a person)."""
+
+
+class CustomerChannel(ABC):
+    """The customer-facing side of one platform."""
+
+    __slots__ = ()
+    platform: str
+
+    @abstractmethod
+    def open_reply(self, conversation_key: str) -> ReplyStream:
+        """Start a streamed bot reply in a conversation."""
+
+    @abstractmethod
+    async def deliver(self, conversation_key: str, reply: Reply) -> str:
+        """Send a whole message (an operator's answer, a notice); returns its platform id."""
+
+
+class OperatorChannel(ABC):
+    """Somewhere operators are told about escalations and act on them."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    async def ticket_opened(self, ticket: TicketView) -> None:
+        """A conversation needs a person (also called when it is re-announced)."""
+
+    @abstractmethod
+    async def ticket_updated(self, ticket: TicketView) -> None:
+        """Claimed, resolved, handed back, or a new customer message while escalated."""
+
+
+class Adapter(ABC):
+    """A platform connection: started with the pipeline, stopped on shutdown.
+
+    An adapter is the platform's :class:`CustomerChannel` and, where the platform has an
+    operator room, also registers an :class:`OperatorChannel` with ``pipeline.operators``.
+    """
+
+    __slots__ = ()
+    platform: str
+
+    @abstractmethod
+    async def start(self, pipeline: Pipeline) -> None:
+        """Connect, attach channels (``pipeline.attach(self)``) and begin receiving."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop receiving; in-flight sends may finish."""

@@ -1,0 +1,211 @@
+"""Configuration: ``config.toml`` parsed once at start into frozen, validated dataclasses.
+
+Every section is a frozen pydantic dataclass with ``extra="forbid"``, so a typo in a key
+is an error, not a silently ignored setting. Secrets are never read from the file: a
+section names the environment variable that holds them (``*_env`` keys).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ServiceSettings:
+    data_dir: str = "data"
+    log_level: str = "INFO"
+    max_message_chars: int = Field(default=4000, gt=0)
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class StoreSettings:
+    path: str = "data/supportbot.db"
+    busy_timeout_ms: int = Field(default=5000, ge=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class GeneratorSettings:
+    backend: Literal["transformers", "vllm"] = "transformers"
+    model: str = "smollm2"
+    """``smollm2`` (the embedded GGUF, converted once) or a Hugging Face model folder."""
+    device: str = "cpu"
+    threads: int = Field(default=0, ge=0)
+    max_new_tokens: int = Field(default=160, gt=0)
+    temperature: float = Field(default=0.3, ge=0)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    repetition_penalty: float = Field(default=1.15, ge=1)
+    no_repeat_ngram_size: int = Field(default=4, ge=0)
+    max_concurrent: int = Field(default=1, gt=0)
+    timeout_s: float = Field(default=120.0, gt=0)
+    fallback_text: str = (
+        "Sorry, I can't answer right now. I've asked a person from our team to help you."
+    )
+    # vLLM backend (OpenAI-compatible server).
+    base_url: str = "http://127.0.0.1:8000"
+    api_key_env: str = "SUPPORTBOT_VLLM_API_KEY"
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    first_token_timeout_s: float = Field(default=30.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+    start_degraded: bool = False
+
+
+@dataclass(frozen=True, config=_STRICT)
+class PromptSettings:
+    system: str = (
+        "You are the customer support assistant of an online store. Answer briefly and "
+        "politely. If you are not sure, say so and offer to connect the customer with a person."
+    )
+    history_turns: int = Field(default=6, ge=0)
+    history_token_budget: int = Field(default=768, gt=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SentimentSettings:
+    encoder: str = "minilm"
+    """``minilm`` (the embedded all-MiniLM-L6-v2) or a sentence-transformers folder."""
+    head: str = ""
+    """Path of a linear head (.safetensors); empty means the committed default head."""
+    model: str = ""
+    """A fine-tuned sequence-classification folder; when set it replaces encoder + head."""
+    max_batch: int = Field(default=32, gt=0)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class EscalationSettings:
+    negative_threshold: float = Field(default=0.75, ge=0, le=1)
+    negative_hits: int = Field(default=2, gt=0)
+    window: int = Field(default=3, gt=0)
+    human_phrases: list[str] = Field(
+        default_factory=lambda: [
+            "human", "real person", "a person", "agent", "operator", "representative",
+            "talk to someone", "speak to someone", "manager",
+        ]
+    )
+    handoff_text: str = (
+        "I'm connecting you with a person from our support team. They will reply here shortly."
+    )
+    claim_timeout_s: float = Field(default=300.0, gt=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RecommenderSettings:
+    enabled: bool = True
+    max_suggestions: int = Field(default=3, ge=0)
+    knowledge_dir: str = "knowledge"
+
+
+@dataclass(frozen=True, config=_STRICT)
+class WebSettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    operator_token_env: str = "SUPPORTBOT_OPERATOR_TOKEN"
+    max_ws_message_bytes: int = Field(default=256 * 1024, gt=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TelegramSettings:
+    enabled: bool = False
+    token_env: str = "SUPPORTBOT_TELEGRAM_TOKEN"
+    base_url: str = "https://api.telegram.org/bot"
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    mode: Literal["polling", "webhook"] = "polling"
+    drop_pending_updates: bool = False
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = Field(default=8443, ge=0, le=65535)
+    webhook_url: str = ""
+    webhook_secret_env: str = "SUPPORTBOT_TELEGRAM_WEBHOOK_SECRET"
+    operator_chat_id: int = 0
+    """The operator group (a forum supergroup: one topic per escalation); 0 disables it."""
+    operator_user_ids: list[int] = Field(default_factory=list)
+    edit_interval_s: float = Field(default=1.0, gt=0)
+    typing_interval_s: float = Field(default=4.0, gt=0)
+    flood_messages: int = Field(default=8, gt=0)
+    flood_window_s: float = Field(default=10.0, gt=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DiscordSettings:
+    enabled: bool = False
+    token_env: str = "SUPPORTBOT_DISCORD_TOKEN"
+    api_base: str = ""
+    """REST base (``https://discord.com/api/v10`` when empty); tests point it at a fake."""
+    gateway_url: str = ""
+    support_channel_ids: list[int] = Field(default_factory=list)
+    operator_channel_id: int = 0
+    operator_role_id: int = 0
+    use_threads: bool = False
+    edit_interval_s: float = Field(default=1.0, gt=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Settings:
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
+    prompt: PromptSettings = Field(default_factory=PromptSettings)
+    sentiment: SentimentSettings = Field(default_factory=SentimentSettings)
+    escalation: EscalationSettings = Field(default_factory=EscalationSettings)
+    recommender: RecommenderSettings = Field(default_factory=RecommenderSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    telegram: TelegramSettings = Field(default_factory=TelegramSettings)
+    discord: DiscordSettings = Field(default_factory=DiscordSettings)
+
+    def secret(self, env_name: str) -> str | None:
+        """Secrets come only from the environment."""
+        value = os.environ.get(env_name, "")
+        return value or None
+
+
+_ADAPTER = TypeAdapter(Settings)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "unexpected_keyword_argument":
+        return f"unknown key '{key}'"
+    if kind == "missing":
+        return f"missing required key '{key}'"
+    return f"key '{key}': {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_settings(data: dict[str, Any], source: str = "<config>") -> Settings:
+    """Validate a parsed TOML document; errors name the file and every bad key."""
+    try:
+        # JSON mode: strict types (no "3" for 3) while accepting tables for sections.
+        return _ADAPTER.validate_json(json.dumps(data, default=str))
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read and validate ``config.toml``; relative paths in it stay relative to the cwd."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_settings(data, str(path))
