@@ -1,0 +1,1 @@
+"""Entry points: the ``supportbot`` command line and the service that it runs."""

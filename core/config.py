@@ -69,6 +69,18 @@ class PromptSettings:
         "You are the customer support assistant of an online store. Answer briefly and "
         "politely. If you are not sure, say so and offer to connect the customer with a person."
     )
+    greeting: str = (
+        "Hi! I'm the support assistant. Ask me anything about your order, returns or account. "
+        "Type /human at any time to talk to a person."
+    )
+    help_text: str = (
+        "Write your question in your own words and I'll answer. Commands: /human to talk to "
+        "a person, /feedback <text> to tell us how we did."
+    )
+    attachment_text: str = (
+        "I can only read text for now. Please describe it in words, or type /human to reach "
+        "a person."
+    )
     history_turns: int = Field(default=6, ge=0)
     history_token_budget: int = Field(default=768, gt=0)
 
@@ -137,6 +149,12 @@ class TelegramSettings:
     typing_interval_s: float = Field(default=4.0, gt=0)
     flood_messages: int = Field(default=8, gt=0)
     flood_window_s: float = Field(default=10.0, gt=0)
+    overall_max_rate: float = Field(default=30.0, ge=0)
+    """Bot API requests per second for the whole bot (AIORateLimiter); 0 turns it off."""
+    group_max_rate: float = Field(default=20.0, ge=0)
+    """Messages per minute into one group, the operator group included; 0 turns it off."""
+    max_retries: int = Field(default=5, ge=0)
+    """Retries after a 429 (waiting retry_after) and after a 5xx (backing off)."""
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -146,11 +164,17 @@ class DiscordSettings:
     api_base: str = ""
     """REST base (``https://discord.com/api/v10`` when empty); tests point it at a fake."""
     gateway_url: str = ""
+    """Gateway WebSocket URL (``wss://gateway.discord.gg/`` when empty)."""
     support_channel_ids: list[int] = Field(default_factory=list)
     operator_channel_id: int = 0
     operator_role_id: int = 0
     use_threads: bool = False
     edit_interval_s: float = Field(default=1.0, gt=0)
+    typing_interval_s: float = Field(default=8.0, gt=0)
+    """Typing lasts ~10 s in Discord; it is renewed this often while a reply is generated."""
+    guild_ready_timeout_s: float = Field(default=2.0, ge=0)
+    """How long discord.py waits for further GUILD_CREATEs before ``on_ready``."""
+    start_timeout_s: float = Field(default=60.0, gt=0)
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -1,0 +1,383 @@
+"""The local web chat: a customer page over a WebSocket and an operator console.
+
+Customer protocol (JSON text frames). Client to server:
+``{"type": "message", "id": "<client id>", "text": "..."}``,
+``{"type": "click", "suggestion": "<id>"}``, ``{"type": "command", "name": "human"}``.
+Server to client: ``hello`` (with the transcript), ``typing``, ``delta`` (the whole reply
+so far), ``reply`` (final, with suggestions), ``abort``, ``message`` (operator or system),
+``ack`` and ``error``. The session id in the URL is the conversation; a client resending a
+message with the same id after a reconnect is recognised and not answered twice.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import secrets
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
+from core.config import WebSettings
+from core.messages import Inbound, Kind, Reply, User
+from core.operators import Operator, OperatorError, TicketView
+from core.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "web"
+STATIC = Path(__file__).parent / "static"
+_SESSION = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_COMMANDS = {"start", "help", "human", "feedback"}
+
+
+def ticket_json(ticket: TicketView) -> dict[str, Any]:
+    return {
+        "id": ticket.id,
+        "conversation_id": ticket.conversation_id,
+        "platform": ticket.platform,
+        "customer": ticket.customer.display_name or ticket.customer.platform_user_id,
+        "state": ticket.state,
+        "reason": ticket.reason,
+        "scores": ticket.scores,
+        "created_at": ticket.created_at.isoformat(),
+        "waiting_s": round(ticket.waiting_s, 1),
+        "claimed_by": ticket.claimed_by,
+        "last_customer_text": ticket.last_customer_text,
+        "sentiment_trend": list(ticket.sentiment_trend),
+        "note": ticket.note,
+    }
+
+
+class _WebReply(ReplyStream):
+    __slots__ = ("_adapter", "_id", "_key")
+
+    def __init__(self, adapter: WebAdapter, key: str) -> None:
+        self._adapter = adapter
+        self._key = key
+        self._id = uuid.uuid4().hex[:12]
+
+    async def begin(self) -> None:
+        await self._adapter.broadcast(self._key, {"type": "typing", "reply": self._id})
+
+    async def update(self, text_so_far: str) -> None:
+        await self._adapter.broadcast(
+            self._key, {"type": "delta", "reply": self._id, "text": text_so_far}
+        )
+
+    async def finish(self, reply: Reply) -> str:
+        await self._adapter.broadcast(self._key, self._adapter.reply_json(reply, self._id))
+        return f"web-{self._id}"
+
+    async def abort(self) -> None:
+        await self._adapter.broadcast(self._key, {"type": "abort", "reply": self._id})
+
+
+class _WebOperators(OperatorChannel):
+    __slots__ = ("_sockets",)
+
+    def __init__(self) -> None:
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    async def _send(self, event: str, ticket: TicketView) -> None:
+        payload = {"type": event, "ticket": ticket_json(ticket)}
+        for ws in list(self._sockets):
+            try:
+                await ws.send_json(payload)
+            except (ConnectionError, RuntimeError):
+                self._sockets.discard(ws)
+
+    async def ticket_opened(self, ticket: TicketView) -> None:
+        await self._send("ticket_opened", ticket)
+
+    async def ticket_updated(self, ticket: TicketView) -> None:
+        await self._send("ticket_updated", ticket)
+
+
+class WebAdapter(Adapter, CustomerChannel):
+    """aiohttp server with the chat page, the operator console and their APIs."""
+
+    platform = PLATFORM
+
+    __slots__ = ("_operators", "_pipeline", "_runner", "_settings", "_sockets", "port", "token")
+
+    def __init__(self, settings: WebSettings, operator_token: str | None) -> None:
+        self._settings = settings
+        self.token = operator_token or secrets.token_urlsafe(18)
+        if operator_token is None:
+            log.warning(
+                "%s is not set; operator token for this run: %s",
+                settings.operator_token_env, self.token,
+            )
+        self._sockets: dict[str, set[web.WebSocketResponse]] = {}
+        self._operators = _WebOperators()
+        self._pipeline: Pipeline | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = settings.port
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self._settings.max_ws_message_bytes)
+        app.router.add_get("/", self._page("chat.html"))
+        app.router.add_get("/operator", self._page("operator.html"))
+        app.router.add_get("/healthz", self._health)
+        app.router.add_get("/ws", self._customer_ws)
+        app.router.add_get("/api/operator/ws", self._operator_ws)
+        app.router.add_get("/api/operator/tickets", self._tickets)
+        app.router.add_get("/api/operator/tickets/{id:\\d+}", self._ticket)
+        app.router.add_post("/api/operator/tickets/{id:\\d+}/{action}", self._ticket_action)
+        app.router.add_static("/static", STATIC)
+        return app
+
+    async def start(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        pipeline.attach(self)
+        pipeline.operators.attach(self._operators)
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._settings.host, self._settings.port)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        log.info("web chat on http://%s:%s/ (operators: /operator)", self._settings.host, self.port)
+
+    async def stop(self) -> None:
+        for group in list(self._sockets.values()):
+            for ws in list(group):
+                await ws.close()
+        for ws in list(self._operators._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise RuntimeError("web adapter not started")
+        return self._pipeline
+
+    # -- customer channel ------------------------------------------------------------
+
+    def open_reply(self, conversation_key: str) -> ReplyStream:
+        return _WebReply(self, conversation_key)
+
+    async def deliver(self, conversation_key: str, reply: Reply) -> str:
+        reply_id = uuid.uuid4().hex[:12]
+        await self.broadcast(conversation_key, self.reply_json(reply, reply_id))
+        return f"web-{reply_id}"
+
+    @staticmethod
+    def reply_json(reply: Reply, reply_id: str) -> dict[str, Any]:
+        return {
+            "type": "reply" if reply.sender.value == "bot" else "message",
+            "reply": reply_id,
+            "sender": reply.sender.value,
+            "text": reply.text,
+            "suggestions": [asdict(s) for s in reply.suggestions],
+            "citations": [asdict(c) for c in reply.citations],
+        }
+
+    async def broadcast(self, key: str, payload: dict[str, Any]) -> None:
+        """To every open tab of the session; a closed socket is dropped quietly (the
+        transcript is re-sent when the customer reconnects)."""
+        for ws in list(self._sockets.get(key, ())):
+            try:
+                await ws.send_json(payload)
+            except (ConnectionError, RuntimeError):
+                self._sockets.get(key, set()).discard(ws)
+
+    # -- HTTP handlers ---------------------------------------------------------------
+
+    @staticmethod
+    def _page(name: str) -> Any:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return web.FileResponse(STATIC / name, headers={
+                "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:",
+                "X-Content-Type-Options": "nosniff",
+            })
+
+        return handler
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _customer_ws(self, request: web.Request) -> web.StreamResponse:
+        session = request.query.get("session", "")
+        if not _SESSION.match(session):
+            raise web.HTTPBadRequest(text="session must be 8-64 letters, digits, - or _")
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=self._settings.max_ws_message_bytes)
+        await ws.prepare(request)
+        self._sockets.setdefault(session, set()).add(ws)
+        user = User(PLATFORM, session, request.query.get("name", "")[:80])
+        try:
+            await ws.send_json({"type": "hello", "session": session,
+                                "transcript": await self._transcript(session)})
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    await self._on_customer_frame(ws, session, user, msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    try:
+                        text = msg.data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        await ws.send_json({"type": "error", "error": "messages must be UTF-8"})
+                        continue
+                    await self._on_customer_frame(ws, session, user, text)
+                elif msg.type == WSMsgType.ERROR:
+                    log.info("customer socket error: %s", ws.exception())
+        finally:
+            self._sockets.get(session, set()).discard(ws)
+            if not self._sockets.get(session):
+                self._sockets.pop(session, None)
+        return ws
+
+    async def _transcript(self, session: str) -> list[dict[str, Any]]:
+        store = self.pipeline.store
+        convo = await store.conversation_by_key(PLATFORM, session)
+        if convo is None:
+            return []
+        return [
+            {"direction": line.direction, "sender": line.sender, "text": line.text}
+            for line in await store.transcript(convo["id"], limit=50)
+        ]
+
+    async def _on_customer_frame(
+        self, ws: web.WebSocketResponse, session: str, user: User, raw: str
+    ) -> None:
+        try:
+            frame = json.loads(raw)
+            if not isinstance(frame, dict):
+                raise ValueError
+        except ValueError:
+            await ws.send_json({"type": "error", "error": "frames must be JSON objects"})
+            return
+        kind = frame.get("type")
+        client_id = str(frame.get("id") or uuid.uuid4().hex)
+        if not _CLIENT_ID.match(client_id):
+            await ws.send_json({"type": "error", "error": "bad message id"})
+            return
+        text = frame.get("text", "")
+        if not isinstance(text, str):
+            await ws.send_json({"type": "error", "error": "text must be a string"})
+            return
+        if kind == "message":
+            inbound = self._inbound(session, user, client_id, text, Kind.TEXT)
+        elif kind == "click" and isinstance(frame.get("suggestion"), str):
+            inbound = self._inbound(session, user, client_id, "", Kind.SUGGESTION_CLICK,
+                                    frame["suggestion"][:100])
+        elif kind == "command" and frame.get("name") in _COMMANDS:
+            inbound = self._inbound(session, user, client_id, text, Kind.COMMAND, frame["name"])
+        else:
+            await ws.send_json({"type": "error", "error": f"unknown frame type {kind!r}"})
+            return
+        try:
+            accepted = await self.pipeline.submit(inbound)
+        except Exception:
+            log.exception("could not accept a web message")
+            await ws.send_json({"type": "error", "id": client_id,
+                                "error": "we could not accept your message, please retry"})
+            return
+        await ws.send_json({"type": "ack", "id": client_id, "duplicate": not accepted})
+
+    @staticmethod
+    def _inbound(
+        session: str, user: User, client_id: str, text: str, kind: Kind, payload: str = ""
+    ) -> Inbound:
+        return Inbound(
+            platform=PLATFORM, conversation_key=session, user=user,
+            platform_message_id=f"{session}:{client_id}", text=text, kind=kind, payload=payload,
+        )
+
+    # -- operator API ----------------------------------------------------------------
+
+    def _operator(self, request: web.Request) -> Operator:
+        header = request.headers.get("Authorization", "")
+        token = header.removeprefix("Bearer ").strip()
+        if not token or not hmac.compare_digest(token.encode(), self.token.encode()):
+            raise web.HTTPUnauthorized(
+                text=json.dumps({"error": "operator token required"}),
+                content_type="application/json",
+            )
+        name = request.headers.get("X-Operator-Name", "").strip()[:60] or "operator"
+        return Operator(PLATFORM, name, name)
+
+    async def _tickets(self, request: web.Request) -> web.Response:
+        self._operator(request)
+        tickets = await self.pipeline.operators.open_tickets()
+        return web.json_response({"tickets": [ticket_json(t) for t in tickets]})
+
+    async def _ticket(self, request: web.Request) -> web.Response:
+        self._operator(request)
+        try:
+            ticket = await self.pipeline.operators.get(int(request.match_info["id"]))
+        except OperatorError as exc:
+            raise web.HTTPNotFound(text=json.dumps({"error": str(exc)}),
+                                   content_type="application/json") from None
+        lines = await self.pipeline.store.transcript(ticket.conversation_id)
+        return web.json_response({
+            "ticket": ticket_json(ticket),
+            "transcript": [
+                {"id": ln.message_id, "direction": ln.direction, "sender": ln.sender,
+                 "text": ln.text, "at": ln.created_at, "sentiment": ln.sentiment,
+                 "p_negative": ln.p_negative}
+                for ln in lines
+            ],
+        })
+
+    async def _ticket_action(self, request: web.Request) -> web.Response:
+        operator = self._operator(request)
+        ticket_id = int(request.match_info["id"])
+        action = request.match_info["action"]
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
+                                     content_type="application/json")
+        desk = self.pipeline.operators
+        try:
+            if action == "claim":
+                ticket = await desk.claim(ticket_id, operator)
+            elif action == "reply":
+                await desk.reply(ticket_id, operator, str(body.get("text", "")))
+                ticket = await desk.get(ticket_id)
+            elif action == "resolve":
+                ticket = await desk.resolve(ticket_id, operator, str(body.get("note", ""))[:1000])
+            elif action == "handback":
+                ticket = await desk.hand_back(ticket_id, operator)
+            else:
+                raise web.HTTPNotFound(text=json.dumps({"error": f"no action {action!r}"}),
+                                       content_type="application/json")
+        except OperatorError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        return web.json_response({"ticket": ticket_json(ticket)})
+
+    async def _operator_ws(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(heartbeat=30)
+        await ws.prepare(request)
+        try:
+            first = await ws.receive_json(timeout=10)
+            token = str(first.get("token", "")) if isinstance(first, dict) else ""
+        except (TimeoutError, TypeError, ValueError):
+            token = ""
+        if not token or not hmac.compare_digest(token.encode(), self.token.encode()):
+            await ws.send_json({"type": "error", "error": "operator token required"})
+            await ws.close()
+            return ws
+        self._operators._sockets.add(ws)
+        try:
+            await ws.send_json({"type": "ready"})
+            async for _ in ws:
+                pass
+        finally:
+            self._operators._sockets.discard(ws)
+        return ws

@@ -1,0 +1,130 @@
+"""Assembling the service from config: store, models, pipeline and adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from core.channels import Adapter
+from core.config import ConfigError, Settings
+from core.generation import Generator
+from core.generation.model_files import ensure_hf_model
+from core.pipeline import Pipeline
+from core.recommender import NoSuggestions, Recommender
+from core.sentiment import build_classifier
+from core.store import SQLiteStore
+
+log = logging.getLogger(__name__)
+
+
+async def build_generator(settings: Settings) -> Generator:
+    g = settings.generator
+    if g.backend == "vllm":
+        try:
+            from core.generation.vllm import VLLMGenerator
+        except ImportError:
+            raise ConfigError("generator.backend: the vllm backend is not available") from None
+        return VLLMGenerator(g, api_key=settings.secret(g.api_key_env))  # type: ignore[no-any-return]
+    from core.generation.embedded import TransformersGenerator
+
+    model_dir = await asyncio.to_thread(ensure_hf_model, g.model, Path(settings.service.data_dir))
+    return TransformersGenerator(
+        model_dir, device=g.device, threads=g.threads, max_concurrent=g.max_concurrent
+    )
+
+
+async def build_recommender(settings: Settings) -> Recommender:
+    if not settings.recommender.enabled:
+        return NoSuggestions()
+    try:
+        from core.suggestions import build_default_recommender
+    except ImportError:
+        return NoSuggestions()
+    return await build_default_recommender(settings)
+
+
+def build_adapters(settings: Settings) -> list[Adapter]:
+    """Every enabled platform; a missing token is a config error, not a crash later."""
+    adapters: list[Adapter] = []
+    if settings.web.enabled:
+        from adapters.web import WebAdapter
+
+        adapters.append(WebAdapter(settings.web, settings.secret(settings.web.operator_token_env)))
+    if settings.telegram.enabled:
+        from adapters.telegram import TelegramAdapter
+
+        token = settings.secret(settings.telegram.token_env)
+        if token is None:
+            raise ConfigError(f"telegram.enabled is true but ${settings.telegram.token_env} is "
+                              "not set in the environment")
+        adapters.append(TelegramAdapter(settings.telegram, token))
+    if settings.discord.enabled:
+        from adapters.discord import DiscordAdapter
+
+        token = settings.secret(settings.discord.token_env)
+        if token is None:
+            raise ConfigError(f"discord.enabled is true but ${settings.discord.token_env} is "
+                              "not set in the environment")
+        adapters.append(DiscordAdapter(settings.discord, token))
+    return adapters
+
+
+class Service:
+    """The running service: start everything in order, stop it in reverse."""
+
+    __slots__ = ("adapters", "classifier", "generator", "pipeline", "settings", "store")
+
+    def __init__(self, settings: Settings, adapters: list[Adapter] | None = None) -> None:
+        self.settings = settings
+        self.adapters = adapters if adapters is not None else build_adapters(settings)
+        self.store = SQLiteStore(
+            settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms
+        )
+        s = settings.sentiment
+        self.classifier = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
+        self.generator: Generator | None = None
+        self.pipeline: Pipeline | None = None
+
+    async def start(self) -> Pipeline:
+        await self.store.open()
+        self.generator, recommender, _ = await asyncio.gather(
+            build_generator(self.settings), build_recommender(self.settings),
+            self.classifier.start(),
+        )
+        await self.generator.start()
+        self.pipeline = Pipeline(
+            self.settings, self.store, self.classifier, self.generator, recommender
+        )
+        for adapter in self.adapters:
+            await adapter.start(self.pipeline)
+        await self.pipeline.recover()
+        self.pipeline.operators.start()
+        return self.pipeline
+
+    async def stop(self) -> None:
+        for adapter in self.adapters:
+            try:
+                await adapter.stop()
+            except Exception:
+                log.exception("stopping %s failed", adapter.platform)
+        if self.pipeline is not None:
+            await self.pipeline.close(self.settings.service.shutdown_grace_s)
+        if self.generator is not None:
+            await self.generator.close()
+        await self.classifier.close()
+        await self.store.close()
+
+    async def run_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        log.info("supportbot is running; Ctrl-C to stop")
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            await self.stop()

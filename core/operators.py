@@ -1,0 +1,250 @@
+"""The operator workflow, platform-neutral: tickets opened, claimed, answered, closed.
+
+Adapters authenticate operators on their platform and call the :class:`OperatorDesk`;
+the desk keeps the ticket and conversation states consistent, tells the customer what
+is happening, and fans news out to every attached :class:`OperatorChannel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from core.channels import OperatorChannel
+from core.config import EscalationSettings
+from core.messages import Reply, Sender, User
+from core.store import SQLiteStore, now_iso
+
+if TYPE_CHECKING:
+    from core.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class OperatorError(Exception):
+    """An operator action that cannot be done; the message is shown to the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    platform: str
+    operator_id: str
+    display_name: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.platform}:{self.operator_id}"
+
+    @property
+    def name(self) -> str:
+        return self.display_name or "An agent"
+
+
+@dataclass(frozen=True, slots=True)
+class TicketView:
+    id: int
+    conversation_id: int
+    platform: str
+    conversation_key: str
+    customer: User
+    state: str
+    reason: str
+    scores: dict
+    created_at: datetime
+    claimed_by: str | None
+    last_customer_text: str
+    sentiment_trend: tuple[float, ...]
+    note: str = ""
+
+    @property
+    def waiting_s(self) -> float:
+        return (datetime.now(UTC) - self.created_at).total_seconds()
+
+
+class OperatorDesk:
+    __slots__ = ("_channels", "_pipeline", "_settings", "_store", "_watcher")
+
+    def __init__(
+        self, pipeline: Pipeline, store: SQLiteStore, settings: EscalationSettings
+    ) -> None:
+        self._pipeline = pipeline
+        self._store = store
+        self._settings = settings
+        self._channels: list[OperatorChannel] = []
+        self._watcher: asyncio.Task[None] | None = None
+
+    def attach(self, channel: OperatorChannel) -> None:
+        self._channels.append(channel)
+
+    # -- views -----------------------------------------------------------------------
+
+    async def get(self, ticket_id: int) -> TicketView:
+        row = await self._store.ticket(ticket_id)
+        if row is None:
+            raise OperatorError(f"there is no ticket {ticket_id}")
+        return await self._view(row)
+
+    async def open_tickets(self) -> list[TicketView]:
+        return [await self._view(r) for r in await self._store.tickets(("open", "claimed"))]
+
+    async def _view(self, row: dict) -> TicketView:
+        conv = await self._store.conversation(row["conversation_id"])
+        last = await self._store.query(
+            "SELECT text FROM messages WHERE conversation_id = ? AND direction = 'in' "
+            "AND kind = 'text' ORDER BY id DESC LIMIT 1",
+            [conv["id"]],
+        )
+        trend = await self._store.recent_negative(conv["id"], 10)
+        return TicketView(
+            id=row["id"],
+            conversation_id=conv["id"],
+            platform=conv["platform"],
+            conversation_key=conv["conversation_key"],
+            customer=User(conv["platform"], conv["platform_user_id"], conv["display_name"]),
+            state=row["state"],
+            reason=row["reason"],
+            scores=json.loads(row["scores"]),
+            created_at=datetime.fromisoformat(row["created_at"]),
+            claimed_by=row["claimed_by"],
+            last_customer_text=last[0]["text"] if last else "",
+            sentiment_trend=tuple(round(p, 3) for p in trend),
+            note=row["note"],
+        )
+
+    # -- notifications from the pipeline ---------------------------------------------
+
+    async def announce(self, ticket_id: int) -> None:
+        await self._fan_out("ticket_opened", await self.get(ticket_id))
+
+    async def customer_wrote(self, conversation_id: int) -> None:
+        row = await self._store.active_ticket(conversation_id)
+        if row is not None:
+            await self._fan_out("ticket_updated", await self._view(row))
+
+    async def _fan_out(self, method: str, view: TicketView) -> None:
+        for channel in self._channels:
+            try:
+                await getattr(channel, method)(view)
+            except Exception:
+                log.exception("operator channel %s failed on %s", type(channel).__name__, method)
+
+    # -- operator actions ------------------------------------------------------------
+
+    async def _active(self, ticket_id: int, *states: str) -> dict:
+        row = await self._store.ticket(ticket_id)
+        if row is None:
+            raise OperatorError(f"there is no ticket {ticket_id}")
+        if row["state"] not in states:
+            raise OperatorError(f"ticket {ticket_id} is {row['state']}")
+        return row
+
+    async def claim(self, ticket_id: int, operator: Operator) -> TicketView:
+        row = await self._active(ticket_id, "open", "claimed")
+        if row["state"] == "claimed" and row["claimed_by"] != operator.label:
+            raise OperatorError(f"ticket {ticket_id} is already claimed by {row['claimed_by']}")
+        if row["state"] == "open":
+            await self._store.update_ticket(
+                ticket_id, "operator", state="claimed", claimed_by=operator.label,
+                claimed_at=now_iso(),
+            )
+            self._pipeline.stop_generation(row["conversation_id"])
+            await self._pipeline.send_to_customer(
+                row["conversation_id"],
+                Reply(f"{operator.name} from our support team has joined the chat.", Sender.SYSTEM),
+            )
+        view = await self.get(ticket_id)
+        await self._fan_out("ticket_updated", view)
+        return view
+
+    async def reply(self, ticket_id: int, operator: Operator, text: str) -> None:
+        text = text.strip()
+        if not text:
+            raise OperatorError("the reply is empty")
+        row = await self._active(ticket_id, "open", "claimed")
+        if row["state"] == "open":
+            await self.claim(ticket_id, operator)
+        elif row["claimed_by"] != operator.label:
+            raise OperatorError(f"ticket {ticket_id} is claimed by {row['claimed_by']}")
+        await self._pipeline.send_to_customer(
+            row["conversation_id"], Reply(text, Sender.OPERATOR), operator=operator
+        )
+        if not row["first_response_at"]:
+            await self._store.update_ticket(ticket_id, first_response_at=now_iso())
+
+    async def resolve(self, ticket_id: int, operator: Operator, note: str = "") -> TicketView:
+        row = await self._active(ticket_id, "open", "claimed")
+        await self._store.update_ticket(
+            ticket_id, "resolved", state="resolved", closed_at=now_iso(), note=note,
+            claimed_by=row["claimed_by"] or operator.label,
+        )
+        await self._store.log_event(
+            "resolved", conversation_id=row["conversation_id"], value=operator.label,
+            data={"ticket_id": ticket_id, "note": note},
+        )
+        await self._pipeline.send_to_customer(
+            row["conversation_id"],
+            Reply(
+                "This conversation has been marked as resolved. If you need anything else, "
+                "just write here.",
+                Sender.SYSTEM,
+            ),
+        )
+        view = await self.get(ticket_id)
+        await self._fan_out("ticket_updated", view)
+        return view
+
+    async def hand_back(self, ticket_id: int, operator: Operator) -> TicketView:
+        row = await self._active(ticket_id, "open", "claimed")
+        await self._store.update_ticket(
+            ticket_id, "bot", state="handed_back", closed_at=now_iso(),
+            claimed_by=row["claimed_by"] or operator.label,
+        )
+        await self._pipeline.send_to_customer(
+            row["conversation_id"],
+            Reply("You're back with the assistant. Ask me anything.", Sender.SYSTEM),
+        )
+        view = await self.get(ticket_id)
+        await self._fan_out("ticket_updated", view)
+        return view
+
+    # -- unclaimed tickets -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._watcher = asyncio.create_task(self._watch_unclaimed(), name="claim-timeout")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def _watch_unclaimed(self) -> None:
+        timeout = self._settings.claim_timeout_s
+        while True:
+            await asyncio.sleep(min(timeout / 4, 30.0))
+            try:
+                await self.reannounce_overdue(timeout)
+            except Exception:
+                log.exception("claim-timeout check failed")
+
+    async def reannounce_overdue(self, timeout_s: float) -> int:
+        """Re-announce tickets nobody claimed in time and tell their customers."""
+        now = datetime.now(UTC)
+        count = 0
+        for row in await self._store.tickets(("open",)):
+            if (now - datetime.fromisoformat(row["announced_at"])).total_seconds() < timeout_s:
+                continue
+            count += 1
+            await self._store.update_ticket(row["id"], announced_at=now_iso())
+            await self._pipeline.send_to_customer(
+                row["conversation_id"],
+                Reply(
+                    "Thanks for waiting. Everyone on our team is busy right now; a person "
+                    "will reply here as soon as one is free.",
+                    Sender.SYSTEM,
+                ),
+            )
+            await self.announce(row["id"])
+        return count

@@ -1,0 +1,453 @@
+"""The pipeline: every customer event, from the adapter back to the adapter.
+
+Order of work for a text message: it is committed (in :meth:`Pipeline.submit`, before
+anything else), queued on its conversation, scored for sentiment, checked by the
+escalation policy, answered by the generator with suggestions from the recommender,
+and the reply is stored before and after it is sent. Conversations run concurrently;
+the messages of one conversation are handled strictly in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from core.channels import CustomerChannel, ReplyStream
+from core.config import Settings
+from core.escalation import REASON_GENERATION, REASON_REQUESTED, Escalation, EscalationPolicy
+from core.generation import GenerationError, GenerationParams, Generator
+from core.messages import Inbound, Kind, Reply, Sender, Suggestion, User
+from core.operators import Operator, OperatorDesk
+from core.prompt import build_chat
+from core.recommender import NoSuggestions, Recommender, SuggestionRequest
+from core.sentiment import Classifier
+from core.store import SQLiteStore, StoredInbound
+from core.text import clean_text, truncate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    inbound: Inbound
+    stored: StoredInbound
+
+
+class Pipeline:
+    """The core of the service; adapters call :meth:`submit` and implement the channels."""
+
+    __slots__ = (
+        "_active", "_classifier", "_closing", "_generator", "_params", "_policy", "_queues",
+        "_recommender", "_settings", "_workers", "channels", "operators", "store",
+    )
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: SQLiteStore,
+        classifier: Classifier,
+        generator: Generator,
+        recommender: Recommender | None = None,
+    ) -> None:
+        self._settings = settings
+        self.store = store
+        self._classifier = classifier
+        self._generator = generator
+        self._recommender = recommender or NoSuggestions()
+        self._policy = EscalationPolicy(settings.escalation)
+        g = settings.generator
+        self._params = GenerationParams(
+            max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+            repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
+        )
+        self.channels: dict[str, CustomerChannel] = {}
+        self.operators = OperatorDesk(self, store, settings.escalation)
+        self._queues: dict[int, asyncio.Queue[_Job]] = {}
+        self._workers: dict[int, asyncio.Task[None]] = {}
+        self._active: dict[int, asyncio.Task[str]] = {}
+        self._closing = False
+
+    def attach(self, channel: CustomerChannel) -> None:
+        self.channels[channel.platform] = channel
+
+    # -- intake ----------------------------------------------------------------------
+
+    async def submit(self, inbound: Inbound) -> bool:
+        """Commit an event and queue it; ``False`` when it was delivered before."""
+        stored = await self.store.record_inbound(inbound)
+        if stored is None:
+            return False
+        if not self._closing:
+            self._enqueue(_Job(inbound, stored))
+        return True
+
+    def _enqueue(self, job: _Job) -> None:
+        key = job.stored.conversation_id
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = asyncio.Queue()
+        queue.put_nowait(job)
+        if key not in self._workers:
+            self._workers[key] = asyncio.create_task(self._drain(key), name=f"conversation-{key}")
+
+    async def _drain(self, key: int) -> None:
+        queue = self._queues[key]
+        try:
+            while not queue.empty() and not self._closing:
+                job = queue.get_nowait()
+                try:
+                    await self._process(job)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("message %s failed", job.stored.message_id)
+                    await self._mark(job, "failed")
+        finally:
+            # No await between the emptiness check and removal: nothing can slip in.
+            if queue.empty() or self._closing:
+                self._queues.pop(key, None)
+            self._workers.pop(key, None)
+            if not queue.empty() and not self._closing:
+                self._workers[key] = asyncio.create_task(self._drain(key))
+
+    async def recover(self) -> int:
+        """Queue what a previous run accepted but never finished."""
+        rows = await self.store.unfinished_inbound()
+        for row in rows:
+            inbound = Inbound(
+                platform=row["platform"],
+                conversation_key=row["conversation_key"],
+                user=User(row["platform"], row["platform_user_id"], row["display_name"]),
+                platform_message_id=row["platform_message_id"],
+                text=row["text"],
+                kind=Kind(row["kind"]),
+                payload=row["payload"],
+            )
+            convo = await self.store.conversation(row["conversation_id"])
+            stored = StoredInbound(row["id"], row["conversation_id"], convo["user_id"],
+                                   convo["state"])
+            self._enqueue(_Job(inbound, stored))
+        if rows:
+            log.info("recovered %d unanswered messages", len(rows))
+        return len(rows)
+
+    async def close(self, grace_s: float) -> None:
+        """Let in-flight replies finish for ``grace_s``; the rest stay unanswered in the
+        store (status ``received``) and are picked up by :meth:`recover` on next start."""
+        self._closing = True
+        workers = list(self._workers.values())
+        if workers:
+            _, pending = await asyncio.wait(workers, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.operators.stop()
+
+    # -- processing ------------------------------------------------------------------
+
+    async def _mark(self, job: _Job, status: str) -> None:
+        try:
+            await self.store.set_inbound_status(job.stored.message_id, status)
+        except Exception:
+            log.exception("could not mark message %s %s", job.stored.message_id, status)
+
+    async def _process(self, job: _Job) -> None:
+        inbound, stored = job.inbound, job.stored
+        await self._mark(job, "processing")
+        handler: Callable[[_Job], object] = {
+            Kind.TEXT: self._on_text,
+            Kind.COMMAND: self._on_command,
+            Kind.SUGGESTION_CLICK: self._on_click,
+            Kind.REACTION: self._on_reaction,
+            Kind.ATTACHMENT: self._on_attachment,
+        }[inbound.kind]
+        status = await handler(job)  # type: ignore[misc]
+        await self._mark(job, str(status or "answered"))
+        log.debug("message %s (%s) done", stored.message_id, inbound.kind)
+
+    async def _state(self, conversation_id: int) -> str:
+        return str((await self.store.conversation(conversation_id))["state"])
+
+    async def _on_text(self, job: _Job) -> str:
+        stored = job.stored
+        text = clean_text(job.inbound.text)
+        if not text:
+            await self.send_to_customer(
+                stored.conversation_id,
+                Reply("Your message looks empty. What can I help you with?", Sender.SYSTEM),
+                reply_to=stored.message_id,
+            )
+            return "answered"
+        text, was_cut = truncate(text, self._settings.service.max_message_chars)
+        scores = await self._classifier.classify(text)
+        await self.store.set_sentiment(stored.message_id, scores)
+        await self.store.log_event(
+            "message", user_id=stored.user_id, conversation_id=stored.conversation_id,
+            message_id=stored.message_id, value=scores.label,
+            data={"p_negative": round(scores.negative, 4)},
+        )
+        state = await self._state(stored.conversation_id)
+        if state in ("escalated", "operator"):
+            await self.operators.customer_wrote(stored.conversation_id)
+            return "relayed"
+        if state == "resolved":
+            await self.store.set_state(stored.conversation_id, "bot")
+        if was_cut:
+            limit = self._settings.service.max_message_chars
+            await self.send_to_customer(
+                stored.conversation_id,
+                Reply(f"Your message was very long, so I read only its first {limit:,} "
+                      "characters.", Sender.SYSTEM),
+                reply_to=stored.message_id,
+            )
+        negatives = await self.store.recent_negative(
+            stored.conversation_id, self._settings.escalation.window
+        )
+        decision = self._policy.decide(text, negatives)
+        if decision is not None:
+            await self.escalate(stored, decision)
+            return "escalated"
+        return await self._answer(job, text)
+
+    async def _on_command(self, job: _Job) -> str:
+        stored, inbound = job.stored, job.inbound
+        command = inbound.payload.lower().lstrip("/")
+        await self.store.log_event(
+            "command", user_id=stored.user_id, conversation_id=stored.conversation_id,
+            message_id=stored.message_id, value=command,
+        )
+        prompt = self._settings.prompt
+        if command == "human":
+            await self.escalate(stored, Escalation(REASON_REQUESTED, {"command": "/human"}))
+            return "escalated"
+        if command == "feedback":
+            feedback = clean_text(inbound.text)
+            await self.store.log_event(
+                "feedback", user_id=stored.user_id, conversation_id=stored.conversation_id,
+                message_id=stored.message_id, value=feedback or "(empty)",
+                data={"source": "command"},
+            )
+            text = ("Thank you, your feedback was recorded." if feedback
+                    else "Tell us how we did: /feedback followed by your comment.")
+        elif command == "start":
+            text = prompt.greeting
+        else:
+            text = prompt.help_text
+        await self.send_to_customer(
+            stored.conversation_id, Reply(text, Sender.SYSTEM), reply_to=stored.message_id
+        )
+        return "answered"
+
+    async def _on_click(self, job: _Job) -> str:
+        stored, item = job.stored, job.inbound.payload
+        await self.store.log_event(
+            "suggestion_clicked", user_id=stored.user_id, conversation_id=stored.conversation_id,
+            message_id=stored.message_id, item_id=item,
+        )
+        return "logged"
+
+    async def _on_reaction(self, job: _Job) -> str:
+        stored = job.stored
+        await self.store.log_event(
+            "feedback", user_id=stored.user_id, conversation_id=stored.conversation_id,
+            message_id=stored.message_id, value=job.inbound.payload,
+            data={"source": "reaction", "target": job.inbound.text},
+        )
+        return "logged"
+
+    async def _on_attachment(self, job: _Job) -> str:
+        stored = job.stored
+        await self.store.log_event(
+            "attachment", user_id=stored.user_id, conversation_id=stored.conversation_id,
+            message_id=stored.message_id, value=job.inbound.payload,
+        )
+        if await self._state(stored.conversation_id) in ("escalated", "operator"):
+            await self.operators.customer_wrote(stored.conversation_id)
+            return "relayed"
+        await self.send_to_customer(
+            stored.conversation_id,
+            Reply(self._settings.prompt.attachment_text, Sender.SYSTEM),
+            reply_to=stored.message_id,
+        )
+        return "answered"
+
+    # -- escalation ------------------------------------------------------------------
+
+    async def escalate(self, stored: StoredInbound, decision: Escalation) -> None:
+        ticket_id = await self.store.open_ticket(
+            stored.conversation_id, decision.reason, decision.scores
+        )
+        if ticket_id is None:
+            await self.operators.customer_wrote(stored.conversation_id)
+            return
+        await self.store.log_event(
+            "escalated", user_id=stored.user_id, conversation_id=stored.conversation_id,
+            message_id=stored.message_id, value=decision.reason,
+            data={"ticket_id": ticket_id, **decision.scores},
+        )
+        log.info("conversation %s escalated: %s", stored.conversation_id, decision.reason)
+        await self.send_to_customer(
+            stored.conversation_id,
+            Reply(self._settings.escalation.handoff_text, Sender.SYSTEM),
+            reply_to=stored.message_id,
+        )
+        await self.operators.announce(ticket_id)
+
+    def stop_generation(self, conversation_id: int) -> None:
+        """A person took over: stop the bot's reply in progress."""
+        task = self._active.get(conversation_id)
+        if task is not None:
+            task.cancel()
+
+    # -- answering -------------------------------------------------------------------
+
+    async def _answer(self, job: _Job, text: str) -> str:
+        stored, inbound = job.stored, job.inbound
+        settings = self._settings
+        channel = self.channels[inbound.platform]
+        rows = await self.store.history(
+            stored.conversation_id, stored.message_id, settings.prompt.history_turns
+        )
+        history = [("assistant" if r["direction"] == "out" else "user", r["text"]) for r in rows]
+        chat = build_chat(
+            settings.prompt.system, history, text,
+            count_tokens=self._generator.count_tokens,
+            token_budget=settings.prompt.history_token_budget,
+        )
+        suggestions_task = asyncio.create_task(self._suggest(stored, text, history))
+        out_id = await self.store.begin_outbound(
+            stored.conversation_id, inbound.platform, Sender.BOT.value, stored.message_id
+        )
+        stream = channel.open_reply(inbound.conversation_key)
+        started = time.perf_counter()
+        first_token: list[float] = []
+        await stream.begin()
+        generation = asyncio.create_task(self._generate(chat, stream, started, first_token))
+        self._active[stored.conversation_id] = generation
+        try:
+            reply_text = await generation
+        except asyncio.CancelledError:
+            if not generation.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            suggestions_task.cancel()
+            await stream.abort()
+            await self.store.finish_outbound(
+                out_id, status="failed", error="handed to an operator",
+                latency_ms=(time.perf_counter() - started) * 1000,
+            )
+            return "handed_over"
+        except (GenerationError, TimeoutError) as exc:
+            suggestions_task.cancel()
+            return await self._generation_failed(job, stream, out_id, started, exc)
+        finally:
+            self._active.pop(stored.conversation_id, None)
+        suggestions = await suggestions_task
+        reply = Reply(reply_text, Sender.BOT, tuple(suggestions))
+        platform_id = await stream.finish(reply)
+        await self.store.finish_outbound(
+            out_id, text=reply_text, status="sent", platform_message_id=platform_id,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            first_token_ms=first_token[0] if first_token else None,
+        )
+        if suggestions:
+            await self.store.log_events([
+                {"type": "suggestion_shown", "user_id": stored.user_id,
+                 "conversation_id": stored.conversation_id, "message_id": out_id,
+                 "item_id": s.id, "position": i}
+                for i, s in enumerate(suggestions)
+            ])
+        return "answered"
+
+    async def _generate(
+        self, chat: list, stream: ReplyStream, started: float, first_token: list[float]
+    ) -> str:
+        text = ""
+        async with asyncio.timeout(self._settings.generator.timeout_s):
+            pieces = self._generator.stream(chat, self._params)
+            try:
+                async for piece in pieces:
+                    if not first_token:
+                        first_token.append((time.perf_counter() - started) * 1000)
+                    text += piece
+                    await stream.update(text)
+            finally:
+                await pieces.aclose()  # type: ignore[attr-defined]
+        text = text.strip()
+        if not text:
+            raise GenerationError("the model produced an empty reply")
+        return text
+
+    async def _generation_failed(
+        self, job: _Job, stream: ReplyStream, out_id: int, started: float, exc: BaseException
+    ) -> str:
+        error = str(exc) or type(exc).__name__
+        log.warning("generation failed for message %s: %s", job.stored.message_id, error)
+        await stream.abort()
+        await self.store.finish_outbound(
+            out_id, status="failed", error=error,
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+        await self.send_to_customer(
+            job.stored.conversation_id,
+            Reply(self._settings.generator.fallback_text, Sender.SYSTEM),
+            reply_to=job.stored.message_id,
+        )
+        ticket_id = await self.store.open_ticket(
+            job.stored.conversation_id, REASON_GENERATION, {"error": error[:300]}
+        )
+        if ticket_id is not None:
+            await self.store.log_event(
+                "escalated", user_id=job.stored.user_id,
+                conversation_id=job.stored.conversation_id, value=REASON_GENERATION,
+                data={"ticket_id": ticket_id},
+            )
+            await self.operators.announce(ticket_id)
+        return "fallback"
+
+    async def _suggest(
+        self, stored: StoredInbound, text: str, history: list[tuple[str, str]]
+    ) -> list[Suggestion]:
+        k = self._settings.recommender.max_suggestions
+        if not self._settings.recommender.enabled or k == 0:
+            return []
+        request = SuggestionRequest(
+            stored.user_id, stored.conversation_id, text,
+            tuple(t for role, t in history if role == "user")[-3:],
+        )
+        try:
+            return await self._recommender.suggest(request, k)
+        except Exception:
+            log.exception("recommender failed; replying without suggestions")
+            return []
+
+    # -- delivery --------------------------------------------------------------------
+
+    async def send_to_customer(
+        self,
+        conversation_id: int,
+        reply: Reply,
+        *,
+        reply_to: int | None = None,
+        operator: Operator | None = None,
+    ) -> None:
+        """Send a whole message, stored as pending before and sent after."""
+        convo = await self.store.conversation(conversation_id)
+        out_id = await self.store.begin_outbound(
+            conversation_id, convo["platform"], reply.sender.value, reply_to, reply.text
+        )
+        channel = self.channels.get(convo["platform"])
+        if channel is None:
+            await self.store.finish_outbound(out_id, status="failed", error="platform offline")
+            raise RuntimeError(f"no adapter for platform {convo['platform']!r} is running")
+        try:
+            platform_id = await channel.deliver(convo["conversation_key"], reply)
+        except Exception as exc:
+            await self.store.finish_outbound(out_id, status="failed", error=str(exc)[:500])
+            raise
+        await self.store.finish_outbound(
+            out_id, status="sent", platform_message_id=platform_id,
+            author=None if operator is None else operator.label,
+        )

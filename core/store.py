@@ -1,0 +1,507 @@
+"""The SQLite store: conversations, messages, the behavior log and tickets.
+
+sqlite-utils over one connection in WAL mode. Every call runs on a single dedicated
+thread, so writes are serialised and the event loop never blocks on disk. The schema is
+versioned: ``MIGRATIONS[i]`` takes the database from version ``i`` to ``i + 1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+import sqlite_utils
+
+from core.messages import Inbound, User
+
+T = TypeVar("T")
+
+ConversationState = Literal["bot", "escalated", "operator", "resolved"]
+EventType = Literal[
+    "message", "suggestion_shown", "suggestion_clicked", "article_viewed", "feedback",
+    "escalated", "resolved", "attachment", "command",
+]
+
+MIGRATIONS: Sequence[str] = (
+    """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL,
+        platform_user_id TEXT NOT NULL,
+        display_name TEXT NOT NULL DEFAULT '',
+        created_at TEXT NOT NULL,
+        UNIQUE (platform, platform_user_id)
+    );
+    CREATE TABLE conversations (
+        id INTEGER PRIMARY KEY,
+        platform TEXT NOT NULL,
+        conversation_key TEXT NOT NULL,
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        state TEXT NOT NULL DEFAULT 'bot'
+            CHECK (state IN ('bot', 'escalated', 'operator', 'resolved')),
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        UNIQUE (platform, conversation_key)
+    );
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+        direction TEXT NOT NULL CHECK (direction IN ('in', 'out')),
+        sender TEXT NOT NULL,
+        author TEXT,
+        platform TEXT NOT NULL,
+        platform_message_id TEXT,
+        kind TEXT NOT NULL,
+        text TEXT NOT NULL,
+        payload TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL,
+        reply_to INTEGER REFERENCES messages(id),
+        created_at TEXT NOT NULL,
+        sentiment TEXT,
+        p_negative REAL,
+        p_neutral REAL,
+        p_positive REAL,
+        first_token_ms REAL,
+        latency_ms REAL,
+        error TEXT
+    );
+    CREATE UNIQUE INDEX messages_inbound_once
+        ON messages (platform, platform_message_id) WHERE direction = 'in';
+    CREATE INDEX messages_conversation ON messages (conversation_id, id);
+    CREATE INDEX messages_status ON messages (direction, status);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        ts TEXT NOT NULL,
+        type TEXT NOT NULL,
+        user_id INTEGER REFERENCES users(id),
+        conversation_id INTEGER REFERENCES conversations(id),
+        message_id INTEGER REFERENCES messages(id),
+        item_id TEXT,
+        position INTEGER,
+        value TEXT,
+        data TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_type_ts ON events (type, ts);
+    CREATE INDEX events_user ON events (user_id, ts);
+    CREATE TABLE tickets (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+        state TEXT NOT NULL CHECK (state IN ('open', 'claimed', 'resolved', 'handed_back')),
+        reason TEXT NOT NULL,
+        scores TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        announced_at TEXT NOT NULL,
+        claimed_by TEXT,
+        claimed_at TEXT,
+        first_response_at TEXT,
+        closed_at TEXT,
+        last_message_id INTEGER,
+        note TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX tickets_state ON tickets (state, created_at);
+    CREATE INDEX tickets_conversation ON tickets (conversation_id);
+    """,
+)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredInbound:
+    message_id: int
+    conversation_id: int
+    user_id: int
+    state: ConversationState
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    label: str
+    negative: float
+    neutral: float
+    positive: float
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptLine:
+    message_id: int
+    direction: str
+    sender: str
+    text: str
+    created_at: str
+    sentiment: str | None
+    p_negative: float | None
+
+
+class StoreError(Exception):
+    """The database refused an operation (locked, disk full, corrupt)."""
+
+
+class Store(Protocol):
+    """What the core needs from persistence; :class:`SQLiteStore` is the implementation."""
+
+    async def record_inbound(self, inbound: Inbound) -> StoredInbound | None: ...
+
+
+class SQLiteStore:
+    """All persistence, on one connection owned by one worker thread."""
+
+    __slots__ = ("_busy_timeout_ms", "_db", "_executor", "path")
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5000) -> None:
+        self.path = Path(path)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="store")
+        self._db: sqlite_utils.Database | None = None
+        self._busy_timeout_ms = busy_timeout_ms
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        self._db = sqlite_utils.Database(conn)
+        self._db.enable_wal()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        db = self.db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this code "
+                f"({len(MIGRATIONS)}); upgrade supportbot"
+            )
+        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with db.conn:
+                db.conn.execute("BEGIN")
+                for statement in filter(str.strip, script.split(";")):
+                    db.conn.execute(statement)
+                db.conn.execute(f"PRAGMA user_version = {target}")
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.conn.close)
+        self._executor.shutdown(wait=True)
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        if self._db is None:
+            raise StoreError("store not opened")
+        return self._db
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def _tx(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        db = self.db
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(db)
+        except BaseException:
+            db.conn.execute("ROLLBACK")
+            raise
+        db.conn.execute("COMMIT")
+        return result
+
+    async def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict]:
+        """Read-only SQL for reports and tests."""
+        return await self._run(lambda: list(self.db.query(sql, params)))
+
+    # -- inbound ---------------------------------------------------------------------
+
+    async def record_inbound(self, inbound: Inbound) -> StoredInbound | None:
+        """Commit an inbound event; ``None`` when the platform already delivered it."""
+        return await self._run(self._tx, lambda db: self._record_inbound(db, inbound))
+
+    def _record_inbound(self, db: sqlite_utils.Database, inbound: Inbound) -> StoredInbound | None:
+        seen = db.execute(
+            "SELECT 1 FROM messages WHERE direction = 'in' AND platform = ? "
+            "AND platform_message_id = ?",
+            [inbound.platform, inbound.platform_message_id],
+        ).fetchone()
+        if seen:
+            return None
+        user_id = self._user_id(db, inbound.user)
+        ts = now_iso()
+        row = db.execute(
+            "SELECT id, state FROM conversations WHERE platform = ? AND conversation_key = ?",
+            [inbound.platform, inbound.conversation_key],
+        ).fetchone()
+        if row is None:
+            conversation_id = db["conversations"].insert(
+                {
+                    "platform": inbound.platform,
+                    "conversation_key": inbound.conversation_key,
+                    "user_id": user_id,
+                    "state": "bot",
+                    "created_at": ts,
+                    "updated_at": ts,
+                }
+            ).last_pk
+            state = "bot"
+        else:
+            conversation_id, state = row
+        message_id = db["messages"].insert(
+            {
+                "conversation_id": conversation_id,
+                "direction": "in",
+                "sender": "customer",
+                "platform": inbound.platform,
+                "platform_message_id": inbound.platform_message_id,
+                "kind": inbound.kind.value,
+                "text": inbound.text,
+                "payload": inbound.payload,
+                "status": "received",
+                "created_at": inbound.sent_at.astimezone(UTC).isoformat(timespec="milliseconds"),
+            }
+        ).last_pk
+        return StoredInbound(message_id, conversation_id, user_id, state)
+
+    def _user_id(self, db: sqlite_utils.Database, user: User) -> int:
+        row = db.execute(
+            "SELECT id, display_name FROM users WHERE platform = ? AND platform_user_id = ?",
+            [user.platform, user.platform_user_id],
+        ).fetchone()
+        if row is not None:
+            if user.display_name and row[1] != user.display_name:
+                db["users"].update(row[0], {"display_name": user.display_name})
+            return int(row[0])
+        return int(
+            db["users"].insert(
+                {
+                    "platform": user.platform,
+                    "platform_user_id": user.platform_user_id,
+                    "display_name": user.display_name,
+                    "created_at": now_iso(),
+                }
+            ).last_pk
+        )
+
+    async def set_inbound_status(self, message_id: int, status: str) -> None:
+        await self._run(lambda: self.db["messages"].update(message_id, {"status": status}))
+
+    async def set_sentiment(self, message_id: int, scores: Scores) -> None:
+        await self._run(
+            lambda: self.db["messages"].update(
+                message_id,
+                {
+                    "sentiment": scores.label,
+                    "p_negative": scores.negative,
+                    "p_neutral": scores.neutral,
+                    "p_positive": scores.positive,
+                },
+            )
+        )
+
+    async def unfinished_inbound(self) -> list[dict]:
+        """Inbound messages accepted but never answered (a crash or a hard stop)."""
+        return await self.query(
+            "SELECT m.*, c.conversation_key, u.platform_user_id, u.display_name "
+            "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+            "JOIN users u ON u.id = c.user_id "
+            "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') ORDER BY m.id"
+        )
+
+    # -- outbound --------------------------------------------------------------------
+
+    async def begin_outbound(
+        self, conversation_id: int, platform: str, sender: str, reply_to: int | None, text: str = ""
+    ) -> int:
+        """Record an outbound message before it is sent (status ``pending``)."""
+
+        def insert() -> int:
+            return int(
+                self.db["messages"].insert(
+                    {
+                        "conversation_id": conversation_id,
+                        "direction": "out",
+                        "sender": sender,
+                        "platform": platform,
+                        "kind": "text",
+                        "text": text,
+                        "status": "pending",
+                        "reply_to": reply_to,
+                        "created_at": now_iso(),
+                    }
+                ).last_pk
+            )
+
+        return await self._run(insert)
+
+    async def finish_outbound(self, message_id: int, **fields: Any) -> None:
+        """Mark an outbound message sent or failed, with its text and timings."""
+        await self._run(lambda: self.db["messages"].update(message_id, fields))
+
+    # -- conversations ---------------------------------------------------------------
+
+    async def conversation(self, conversation_id: int) -> dict:
+        rows = await self.query(
+            "SELECT c.*, u.platform_user_id, u.display_name FROM conversations c "
+            "JOIN users u ON u.id = c.user_id WHERE c.id = ?",
+            [conversation_id],
+        )
+        if not rows:
+            raise StoreError(f"no conversation {conversation_id}")
+        return rows[0]
+
+    async def conversation_by_key(self, platform: str, conversation_key: str) -> dict | None:
+        rows = await self.query(
+            "SELECT * FROM conversations WHERE platform = ? AND conversation_key = ?",
+            [platform, conversation_key],
+        )
+        return rows[0] if rows else None
+
+    async def set_state(self, conversation_id: int, state: ConversationState) -> None:
+        await self._run(
+            lambda: self.db["conversations"].update(
+                conversation_id, {"state": state, "updated_at": now_iso()}
+            )
+        )
+
+    async def history(self, conversation_id: int, before_id: int, limit: int) -> list[dict]:
+        """Recent text turns before a message, oldest first, for the prompt."""
+        rows = await self.query(
+            "SELECT id, direction, sender, text FROM messages WHERE conversation_id = ? "
+            "AND id < ? AND kind = 'text' AND text != '' AND status != 'failed' "
+            "ORDER BY id DESC LIMIT ?",
+            [conversation_id, before_id, limit],
+        )
+        return rows[::-1]
+
+    async def recent_negative(self, conversation_id: int, limit: int) -> list[float]:
+        """P(negative) of the customer's latest scored messages, oldest first, counting only
+        messages after the last closed ticket: a resolved conversation starts afresh."""
+        rows = await self.query(
+            "SELECT p_negative FROM messages WHERE conversation_id = ? AND direction = 'in' "
+            "AND p_negative IS NOT NULL AND id > COALESCE((SELECT MAX(last_message_id) FROM "
+            "tickets WHERE conversation_id = ? AND closed_at IS NOT NULL), 0) "
+            "ORDER BY id DESC LIMIT ?",
+            [conversation_id, conversation_id, limit],
+        )
+        return [r["p_negative"] for r in rows[::-1]]
+
+    async def transcript(self, conversation_id: int, limit: int = 200) -> list[TranscriptLine]:
+        rows = await self.query(
+            "SELECT id, direction, sender, text, created_at, sentiment, p_negative FROM "
+            "messages WHERE conversation_id = ? AND (direction = 'in' OR status = 'sent') "
+            "ORDER BY id DESC LIMIT ?",
+            [conversation_id, limit],
+        )
+        return [
+            TranscriptLine(
+                r["id"], r["direction"], r["sender"], r["text"], r["created_at"],
+                r["sentiment"], r["p_negative"],
+            )
+            for r in rows[::-1]
+        ]
+
+    # -- behavior log ----------------------------------------------------------------
+
+    async def log_event(
+        self,
+        type: EventType,
+        *,
+        user_id: int | None = None,
+        conversation_id: int | None = None,
+        message_id: int | None = None,
+        item_id: str | None = None,
+        position: int | None = None,
+        value: str | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        row = {
+            "ts": now_iso(), "type": type, "user_id": user_id,
+            "conversation_id": conversation_id, "message_id": message_id, "item_id": item_id,
+            "position": position, "value": value, "data": json.dumps(data or {}),
+        }
+        await self._run(lambda: self.db["events"].insert(row))
+
+    async def log_events(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Several events in one transaction (the items of one suggestion list)."""
+        ts = now_iso()
+        full = [{"ts": ts, "data": "{}", **r} for r in rows]
+        await self._run(self._tx, lambda db: db["events"].insert_all(full))
+
+    # -- tickets ---------------------------------------------------------------------
+
+    async def open_ticket(self, conversation_id: int, reason: str, scores: dict) -> int | None:
+        """Open a ticket and mark the conversation escalated; ``None`` if one is open."""
+
+        def op(db: sqlite_utils.Database) -> int | None:
+            open_row = db.execute(
+                "SELECT id FROM tickets WHERE conversation_id = ? AND state IN ('open', 'claimed')",
+                [conversation_id],
+            ).fetchone()
+            if open_row:
+                return None
+            ts = now_iso()
+            ticket_id = db["tickets"].insert(
+                {
+                    "conversation_id": conversation_id, "state": "open", "reason": reason,
+                    "scores": json.dumps(scores), "created_at": ts, "announced_at": ts,
+                }
+            ).last_pk
+            db["conversations"].update(conversation_id, {"state": "escalated", "updated_at": ts})
+            return int(ticket_id)
+
+        return await self._run(self._tx, op)
+
+    async def update_ticket(
+        self, ticket_id: int, conversation_state: ConversationState | None = None, **fields: Any
+    ) -> None:
+        """Change a ticket (and its conversation's state) in one transaction; closing it
+        records the conversation's last message, where the next escalation window starts."""
+
+        def op(db: sqlite_utils.Database) -> None:
+            conversation_id = db["tickets"].get(ticket_id)["conversation_id"]
+            if fields.get("closed_at"):
+                fields["last_message_id"] = db.execute(
+                    "SELECT MAX(id) FROM messages WHERE conversation_id = ?", [conversation_id]
+                ).fetchone()[0]
+            db["tickets"].update(ticket_id, fields)
+            if conversation_state is not None:
+                db["conversations"].update(
+                    conversation_id, {"state": conversation_state, "updated_at": now_iso()}
+                )
+
+        await self._run(self._tx, op)
+
+    async def ticket(self, ticket_id: int) -> dict | None:
+        rows = await self.query("SELECT * FROM tickets WHERE id = ?", [ticket_id])
+        return rows[0] if rows else None
+
+    async def active_ticket(self, conversation_id: int) -> dict | None:
+        rows = await self.query(
+            "SELECT * FROM tickets WHERE conversation_id = ? AND state IN ('open', 'claimed') "
+            "ORDER BY id DESC LIMIT 1",
+            [conversation_id],
+        )
+        return rows[0] if rows else None
+
+    async def tickets(self, states: Sequence[str]) -> list[dict]:
+        marks = ",".join("?" for _ in states)
+        return await self.query(
+            f"SELECT * FROM tickets WHERE state IN ({marks}) ORDER BY created_at", list(states)
+        )
