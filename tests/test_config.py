@@ -1,0 +1,88 @@
+"""Config is validated once: errors name the file, the key and what was expected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.config import ConfigError, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_repo_config_is_valid() -> None:
+    settings = load_settings(REPO / "config.toml")
+    assert settings.web.port == 8080
+    assert settings.generator.model == "smollm2"
+
+
+def test_unknown_key_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "[generator]\nmax_new_tokenz = 10\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(path) in str(err.value)
+    assert "unknown key 'generator.max_new_tokenz'" in str(err.value)
+
+
+def test_wrong_type_named(tmp_path: Path) -> None:
+    path = write(tmp_path, '[web]\nport = "eighty"\n[escalation]\nnegative_threshold = 2.0\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    message = str(err.value)
+    assert "web.port" in message and "integer" in message
+    assert "escalation.negative_threshold" in message and "less than or equal to 1" in message
+
+
+def test_unknown_section_and_bad_enum(tmp_path: Path) -> None:
+    path = write(tmp_path, '[generatr]\nx = 1\n[generator]\nbackend = "gpt"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert "unknown key 'generatr'" in str(err.value)
+    assert "generator.backend" in str(err.value) and "'transformers'" in str(err.value)
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    path = write(tmp_path, "[web\nport = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"[web]\nhost = \"\xff\"\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(path)
+
+
+def test_enabled_platform_without_token_fails_at_check(tmp_path: Path) -> None:
+    path = write(tmp_path, "[telegram]\nenabled = true\ntoken_env = \"NO_SUCH_TOKEN_VAR\"\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "bots.cli", "check-config", "--config", str(path)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "NO_SUCH_TOKEN_VAR" in result.stderr
+
+
+def test_check_config_cli_reports_bad_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[store]\npath = 3\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "bots.cli", "check-config", "--config", str(path)],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"{path}: key 'store.path'" in result.stderr
