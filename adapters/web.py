@@ -129,6 +129,7 @@ class WebAdapter(Adapter, CustomerChannel):
         app.router.add_get("/", self._page("chat.html"))
         app.router.add_get("/operator", self._page("operator.html"))
         app.router.add_get("/healthz", self._health)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/ws", self._customer_ws)
         app.router.add_get("/api/operator/ws", self._operator_ws)
         app.router.add_get("/api/operator/tickets", self._tickets)
@@ -209,6 +210,15 @@ class WebAdapter(Adapter, CustomerChannel):
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        from core.metrics import REGISTRY
+
+        return web.Response(
+            body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def _customer_ws(self, request: web.Request) -> web.StreamResponse:
         session = request.query.get("session", "")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from core import metrics
 from core.channels import CustomerChannel, ReplyStream
 from core.config import Settings
 from core.escalation import REASON_GENERATION, REASON_REQUESTED, Escalation, EscalationPolicy
@@ -79,7 +80,9 @@ class Pipeline:
         """Commit an event and queue it; ``False`` when it was delivered before."""
         stored = await self.store.record_inbound(inbound)
         if stored is None:
+            metrics.DUPLICATES.labels(inbound.platform).inc()
             return False
+        metrics.MESSAGES.labels(inbound.platform, inbound.kind.value).inc()
         if not self._closing:
             self._enqueue(_Job(inbound, stored))
         return True
@@ -92,6 +95,7 @@ class Pipeline:
         queue.put_nowait(job)
         if key not in self._workers:
             self._workers[key] = asyncio.create_task(self._drain(key), name=f"conversation-{key}")
+            metrics.QUEUED.set(len(self._workers))
 
     async def _drain(self, key: int) -> None:
         queue = self._queues[key]
@@ -112,6 +116,7 @@ class Pipeline:
             self._workers.pop(key, None)
             if not queue.empty() and not self._closing:
                 self._workers[key] = asyncio.create_task(self._drain(key))
+            metrics.QUEUED.set(len(self._workers))
 
     async def recover(self) -> int:
         """Queue what a previous run accepted but never finished."""
@@ -289,6 +294,7 @@ class Pipeline:
             data={"ticket_id": ticket_id, **decision.scores},
         )
         log.info("conversation %s escalated: %s", stored.conversation_id, decision.reason)
+        metrics.ESCALATIONS.labels(decision.reason).inc()
         await self.send_to_customer(
             stored.conversation_id,
             Reply(self._settings.escalation.handoff_text, Sender.SYSTEM),
@@ -333,6 +339,7 @@ class Pipeline:
             if not generation.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise
             suggestions_task.cancel()
+            metrics.REPLIES.labels("handed_over").inc()
             await stream.abort()
             await self.store.finish_outbound(
                 out_id, status="failed", error="handed to an operator",
@@ -347,11 +354,15 @@ class Pipeline:
         suggestions = await suggestions_task
         reply = Reply(reply_text, Sender.BOT, tuple(suggestions))
         platform_id = await stream.finish(reply)
+        latency = time.perf_counter() - started
         await self.store.finish_outbound(
             out_id, text=reply_text, status="sent", platform_message_id=platform_id,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            first_token_ms=first_token[0] if first_token else None,
+            latency_ms=latency * 1000, first_token_ms=first_token[0] if first_token else None,
         )
+        metrics.REPLIES.labels("answered").inc()
+        metrics.REPLY_LATENCY.observe(latency)
+        if first_token:
+            metrics.FIRST_TOKEN.observe(first_token[0] / 1000)
         if suggestions:
             await self.store.log_events([
                 {"type": "suggestion_shown", "user_id": stored.user_id,
@@ -385,6 +396,7 @@ class Pipeline:
     ) -> str:
         error = str(exc) or type(exc).__name__
         log.warning("generation failed for message %s: %s", job.stored.message_id, error)
+        metrics.REPLIES.labels("fallback").inc()
         await stream.abort()
         await self.store.finish_outbound(
             out_id, status="failed", error=error,
@@ -399,6 +411,7 @@ class Pipeline:
             job.stored.conversation_id, REASON_GENERATION, {"error": error[:300]}
         )
         if ticket_id is not None:
+            metrics.ESCALATIONS.labels(REASON_GENERATION).inc()
             await self.store.log_event(
                 "escalated", user_id=job.stored.user_id,
                 conversation_id=job.stored.conversation_id, value=REASON_GENERATION,

@@ -152,3 +152,14 @@ async def test_redelivered_message_is_answered_once(web_service) -> None:
             "SELECT count(*) AS n FROM messages WHERE direction = 'out' AND sender = 'bot'")
         assert rows[0]["n"] == 1
         await customer.ws.close()
+
+
+async def test_metrics_count_what_happened(web_service) -> None:
+    base = f"http://127.0.0.1:{web_service.adapters[0].port}"
+    async with aiohttp.ClientSession() as http:
+        customer = await Customer.connect(http, base, "e2e-metrics")
+        await customer.say("I need a person please, can I talk to a human?")
+        await customer.until("message", sender="system")
+        text = await (await http.get(f"{base}/metrics")).text()
+    assert 'supportbot_escalations_total{reason="customer_requested"}' in text
+    assert 'supportbot_messages_total{kind="text",platform="web"}' in text

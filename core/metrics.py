@@ -1,0 +1,34 @@
+"""Prometheus metrics for the pipeline, exposed by the web adapter at ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+MESSAGES = Counter(
+    "supportbot_messages_total", "Customer events accepted", ["platform", "kind"],
+    registry=REGISTRY,
+)
+DUPLICATES = Counter(
+    "supportbot_duplicates_total", "Redelivered events recognised and dropped", ["platform"],
+    registry=REGISTRY,
+)
+REPLIES = Counter(
+    "supportbot_replies_total", "Bot replies by outcome", ["outcome"], registry=REGISTRY
+)
+ESCALATIONS = Counter(
+    "supportbot_escalations_total", "Tickets opened", ["reason"], registry=REGISTRY
+)
+FIRST_TOKEN = Histogram(
+    "supportbot_first_token_seconds", "Time to the first generated token",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=REGISTRY,
+)
+REPLY_LATENCY = Histogram(
+    "supportbot_reply_seconds", "Time from processing start to the reply sent",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 60, 120), registry=REGISTRY,
+)
+QUEUED = Gauge(
+    "supportbot_conversations_busy", "Conversations with work queued or running",
+    registry=REGISTRY,
+)
