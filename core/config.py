@@ -102,10 +102,19 @@ class EscalationSettings:
     negative_threshold: float = Field(default=0.75, ge=0, le=1)
     negative_hits: int = Field(default=2, gt=0)
     window: int = Field(default=3, gt=0)
+    ewma_alpha: float = Field(default=0.5, gt=0, le=1)
+    """Weight of the newest message in the running average of P(negative)."""
+    ewma_threshold: float = Field(default=0.8, ge=0, le=1)
+    ewma_min_messages: int = Field(default=3, gt=0)
+    repeat_similarity: float = Field(default=0.8, gt=0, le=1)
+    """Word-overlap (Jaccard) above which a message repeats an earlier one."""
+    repeat_limit: int = Field(default=2, gt=0)
+    """Escalate when the customer asks the same thing this many times more."""
     human_phrases: list[str] = Field(
         default_factory=lambda: [
-            "human", "real person", "a person", "agent", "operator", "representative",
-            "talk to someone", "speak to someone", "manager",
+            "human", "real person", "a person", "live agent", "an agent", "agent please",
+            "operator", "representative", "talk to someone", "speak to someone",
+            "speak to a manager", "customer service rep", "somebody real",
         ]
     )
     handoff_text: str = (

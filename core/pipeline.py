@@ -208,10 +208,10 @@ class Pipeline:
                       "characters.", Sender.SYSTEM),
                 reply_to=stored.message_id,
             )
-        negatives = await self.store.recent_negative(
-            stored.conversation_id, self._settings.escalation.window
+        recent = await self.store.recent_customer_messages(stored.conversation_id, 12)
+        decision = self._policy.decide(
+            text, [r["p_negative"] for r in recent], [r["text"] for r in recent[:-1]]
         )
-        decision = self._policy.decide(text, negatives)
         if decision is not None:
             await self.escalate(stored, decision)
             return "escalated"

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from core.batching import MicroBatcher
 from core.generation.model_files import encoder_dir
+from core.social_text import normalize
 from core.store import Scores
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,11 @@ class _Batched:
     async def classify(self, text: str) -> Scores:
         if self._batcher is None:
             raise RuntimeError("classifier not started")
-        return await self._batcher.submit(text)
+        return await self._batcher.submit(normalize(text))
 
     def classify_many(self, texts: Sequence[str]) -> list[Scores]:
         """Blocking batch call for offline evaluation."""
-        return self._predict(texts)
+        return self._predict([normalize(t) for t in texts])
 
     async def close(self) -> None:
         if self._batcher is not None:

@@ -391,16 +391,21 @@ class SQLiteStore:
         return rows[::-1]
 
     async def recent_negative(self, conversation_id: int, limit: int) -> list[float]:
-        """P(negative) of the customer's latest scored messages, oldest first, counting only
-        messages after the last closed ticket: a resolved conversation starts afresh."""
+        """P(negative) of the customer's latest messages since the last closed ticket."""
+        rows = await self.recent_customer_messages(conversation_id, limit)
+        return [r["p_negative"] for r in rows]
+
+    async def recent_customer_messages(self, conversation_id: int, limit: int) -> list[dict]:
+        """The customer's latest scored text messages since the last closed ticket,
+        oldest first (text and p_negative), for the escalation policy."""
         rows = await self.query(
-            "SELECT p_negative FROM messages WHERE conversation_id = ? AND direction = 'in' "
-            "AND p_negative IS NOT NULL AND id > COALESCE((SELECT MAX(last_message_id) FROM "
-            "tickets WHERE conversation_id = ? AND closed_at IS NOT NULL), 0) "
-            "ORDER BY id DESC LIMIT ?",
+            "SELECT text, p_negative FROM messages WHERE conversation_id = ? "
+            "AND direction = 'in' AND p_negative IS NOT NULL AND id > COALESCE((SELECT "
+            "MAX(last_message_id) FROM tickets WHERE conversation_id = ? AND closed_at IS "
+            "NOT NULL), 0) ORDER BY id DESC LIMIT ?",
             [conversation_id, conversation_id, limit],
         )
-        return [r["p_negative"] for r in rows[::-1]]
+        return rows[::-1]
 
     async def transcript(self, conversation_id: int, limit: int = 200) -> list[TranscriptLine]:
         rows = await self.query(
