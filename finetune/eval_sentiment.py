@@ -1,0 +1,192 @@
+"""``supportbot eval sentiment``: every sentiment model side by side on the same test split.
+
+Baselines sit next to the trained models so a figure can be judged: the majority class is
+what "always negative" gets on this skewed data, and VADER is a social-media lexicon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.sentiment_data import (
+    DEFAULT_DATA,
+    LABELS,
+    DataError,
+    Example,
+    Scores,
+    decide,
+    label_counts,
+    load,
+    score,
+)
+from finetune.sentiment_head import DEFAULT_CACHE
+from finetune.sentiment_head import DEFAULT_OUT as DEFAULT_HEAD
+
+DEFAULT_MODEL = Path("data/models/sentiment-minilm")
+VADER_MARGIN = 0.05
+Predictor = Callable[[Sequence[str]], list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    name: str
+    scores: Scores
+    seconds: float
+
+
+def majority(train: Sequence[Example]) -> Predictor:
+    label = label_counts(train).most_common(1)[0][0]
+    return lambda texts: [label] * len(texts)
+
+
+def vader() -> Predictor:
+    """VADER's usual rule: compound >= 0.05 positive, <= -0.05 negative, else neutral."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+
+    def predict(texts: Sequence[str]) -> list[int]:
+        out: list[int] = []
+        for t in texts:
+            c = analyzer.polarity_scores(t)["compound"]
+            out.append(2 if c >= VADER_MARGIN else 0 if c <= -VADER_MARGIN else 1)
+        return out
+
+    return predict
+
+
+def evaluate(
+    test: Sequence[Example], models: Sequence[tuple[str, Predictor]]
+) -> list[Row]:
+    texts = [e.text for e in test]
+    gold = [e.label for e in test]
+    rows: list[Row] = []
+    for name, predict in models:
+        start = time.perf_counter()
+        predicted = predict(texts)
+        rows.append(Row(name, score(gold, predicted), time.perf_counter() - start))
+    return rows
+
+
+def table(rows: Sequence[Row]) -> str:
+    """One Markdown table: readable in a terminal and pasted into the README as is."""
+    short = "/".join(label[:3] for label in LABELS)
+    lines = [
+        f"| model | accuracy | macro-F1 | neg. precision | neg. recall "
+        f"| confusion (rows true, cols predicted: {short}) | seconds |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        s = r.scores
+        confusion = " / ".join(" ".join(str(v) for v in row) for row in s.confusion)
+        lines.append(
+            f"| {r.name} | {s.accuracy:.3f} | {s.macro_f1:.3f} | {s.negative_precision:.3f} "
+            f"| {s.negative_recall:.3f} | {confusion} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="airline Tweets.csv")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="fine-tuned model folder (skipped if it does not exist)")
+    parser.add_argument("--head", type=Path, default=DEFAULT_HEAD,
+                        help="embedded linear head (.safetensors)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help="embedding cache ('' to disable)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        data = load(args.data)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    test = data.split("test")
+    if not test:
+        print(f"error: {data.path}: no tweets fall in the test split", file=sys.stderr)
+        return 2
+    models: list[tuple[str, Predictor]] = [
+        ("majority class", majority(data.split("train") or test)),
+        (f"VADER (compound ±{VADER_MARGIN})", vader()),
+    ]
+    notes: list[str] = []
+    try:
+        models.extend(_head_models(args))
+    except DataError as exc:
+        notes.append(f"embedded head skipped: {exc}")
+    if args.model.exists():
+        try:
+            models.extend(_finetuned_models(args.model))
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        notes.append(f"fine-tuned model skipped: {args.model} does not exist "
+                     "(make it with `supportbot finetune sentiment`)")
+    counts = label_counts(test)
+    print(f"test split of {data.path}: {len(test)} tweets ("
+          + ", ".join(f"{LABELS[c]} {counts[c]}" for c in range(len(LABELS))) + ")")
+    print(table(evaluate(test, models)))
+    for note in notes:
+        print(note)
+    return 0
+
+
+def _head_models(args: argparse.Namespace) -> list[tuple[str, Predictor]]:
+    from finetune.sentiment_head import Encoder, load_head
+
+    head = load_head(args.head)
+    cache = args.cache_dir if str(args.cache_dir) not in ("", ".") else None
+    encoder = Encoder(cache)
+    out: list[tuple[str, Predictor]] = [
+        ("embedded head (argmax)",
+         lambda texts: head.predict(encoder.encode(texts), use_threshold=False)),
+    ]
+    if head.negative_threshold is not None:
+        out.append((f"embedded head (P(neg) >= {head.negative_threshold:.2f})",
+                    lambda texts: head.predict(encoder.encode(texts))))
+    return out
+
+
+def _finetuned_models(path: Path) -> list[tuple[str, Predictor]]:
+    from finetune.sentiment import FineTuned
+
+    model = FineTuned(path)
+    memo: dict[tuple[str, ...], list[list[float]]] = {}
+
+    def probs(texts: Sequence[str]) -> list[list[float]]:
+        key = tuple(texts)
+        if key not in memo:
+            memo[key] = model.probabilities(texts).tolist()
+        return memo[key]
+
+    out: list[tuple[str, Predictor]] = [
+        ("fine-tuned MiniLM (argmax)", lambda texts: decide(probs(texts), None)),
+    ]
+    t = model.negative_threshold
+    if t is not None:
+        out.append((f"fine-tuned MiniLM (P(neg) >= {t:.2f})",
+                    lambda texts: decide(probs(texts), t)))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.eval_sentiment",
+                                     description=__doc__.splitlines()[0])
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

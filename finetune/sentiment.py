@@ -1,0 +1,360 @@
+"""``supportbot finetune sentiment``: fine-tune the whole MiniLM encoder with a 3-class head.
+
+The result is a plain Hugging Face sequence-classification folder (weights, tokenizer,
+config with the dev-tuned P(negative) threshold, and a model card with its figures), which
+the runtime picks up through ``[sentiment] model`` and ``pipeline("text-classification")``
+can load as is. Built for a small CPU: short sequences, length-bucketed dynamic padding,
+a thread count and a time budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from finetune.sentiment_data import (
+    DEFAULT_DATA,
+    LABELS,
+    NORMALIZATION,
+    DataError,
+    Example,
+    Scores,
+    decide,
+    load,
+    score,
+    tune_negative_threshold,
+)
+from finetune.sentiment_head import minilm_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_OUT = Path("data/models/sentiment-minilm")
+MAX_LENGTH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    epochs: float = 4.0
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    evals_per_epoch: int = 3
+    patience: int = 4
+    max_minutes: float = 0.0
+    """Stop training after this many minutes (0: no limit); the best dev checkpoint is kept."""
+    class_weights: bool = True
+    seed: int = 0
+    threads: int = 1
+
+
+class FineTuned:
+    """A fine-tuned folder as a classifier: probabilities and thresholded labels."""
+
+    __slots__ = ("_model", "_tokenizer", "negative_threshold", "path")
+
+    def __init__(self, path: str | Path) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise DataError(f"{self.path}: not a fine-tuned model folder (no config.json)")
+        self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        self._model = AutoModelForSequenceClassification.from_pretrained(str(self.path))
+        self._model.eval()
+        names = [self._model.config.id2label[i].lower() for i in range(len(LABELS))]
+        if tuple(names) != LABELS:
+            raise DataError(f"{self.path}: labels {names} are not {list(LABELS)}")
+        raw = getattr(self._model.config, "negative_threshold", None)
+        self.negative_threshold = float(raw) if raw is not None else None
+
+    def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        return _probabilities(self._model, self._tokenizer, texts, batch_size)
+
+    def predict(self, texts: Sequence[str], use_threshold: bool = True) -> list[int]:
+        threshold = self.negative_threshold if use_threshold else None
+        return decide(self.probabilities(texts).tolist(), threshold)
+
+
+@torch.inference_mode()
+def _probabilities(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+    batch_size: int,
+) -> np.ndarray:
+    """Batched by length so padding stays short; results come back in input order."""
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                        max_length=MAX_LENGTH, return_tensors="pt")
+        logits = model(**enc).logits
+        out[idx] = torch.softmax(logits.float(), dim=-1).numpy()
+    model.train(was_training)
+    return out
+
+
+def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar length: on CPU, padding is most of the cost otherwise."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    pool = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass(frozen=True, slots=True)
+class FineTuneResult:
+    dev: Scores
+    test: Scores | None
+    test_argmax: Scores | None
+    negative_threshold: float
+    steps: int
+    epochs_done: float
+    best_step: int
+    minutes: float
+    stopped_by: str
+
+
+def finetune(
+    train_set: list[Example],
+    dev_set: list[Example],
+    test_set: list[Example],
+    out: Path,
+    cfg: TrainConfig,
+    base: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> FineTuneResult:
+    """Train, keep the best dev macro-F1 checkpoint, tune the threshold on dev, save."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
+
+    if not train_set or not dev_set:
+        raise DataError("fine-tuning needs examples in both the train and the dev split")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    base = base or minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base),
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+    )
+    texts = [e.text for e in train_set]
+    labels = torch.tensor([e.label for e in train_set])
+    encoded = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total_steps = max(1, int(steps_per_epoch * cfg.epochs))
+    eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
+    no_decay = ("bias", "LayerNorm.weight")
+    params = [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)],
+         "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(cfg.warmup * total_steps), total_steps
+    )
+    if cfg.class_weights:
+        counts = torch.bincount(labels, minlength=len(LABELS)).float().clamp(min=1)
+        weight = len(labels) / (len(LABELS) * counts)
+    else:
+        weight = None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    dev_texts = [e.text for e in dev_set]
+    dev_gold = [e.label for e in dev_set]
+
+    started = time.monotonic()
+    deadline = started + cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    best_f1, best_step, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    bad_evals, step, stopped_by, running = 0, 0, "epochs", 0.0
+    model.train()
+    while step < total_steps and stopped_by == "epochs":
+        for batch in _batches(lengths, cfg.batch_size, rng):
+            enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            logits = model(**enc).logits
+            loss = loss_fn(logits, labels[batch])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+            out_of_time = time.monotonic() >= deadline
+            if step % eval_every == 0 or step == total_steps or out_of_time:
+                probs = _probabilities(model, tokenizer, dev_texts, 64)
+                f1 = score(dev_gold, decide(probs.tolist(), None)).macro_f1
+                minutes = (time.monotonic() - started) / 60
+                log(f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} "
+                    f"loss {running:.4f} dev macro-F1 {f1:.4f} ({minutes:.1f} min)")
+                if f1 > best_f1:
+                    best_f1, best_step, bad_evals = f1, step, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_evals += 1
+                    if bad_evals >= cfg.patience:
+                        stopped_by = "early stopping"
+            if out_of_time and stopped_by == "epochs":
+                stopped_by = "time budget"
+            if stopped_by != "epochs" or step >= total_steps:
+                break
+    minutes = (time.monotonic() - started) / 60
+    model.load_state_dict(best_state)
+    model.eval()
+    dev_probs = _probabilities(model, tokenizer, dev_texts, 64).tolist()
+    threshold = tune_negative_threshold(dev_gold, dev_probs)
+    dev_scores = score(dev_gold, decide(dev_probs, threshold))
+    test_scores = test_argmax = None
+    if test_set:
+        test_probs = _probabilities(model, tokenizer, [e.text for e in test_set], 64).tolist()
+        test_gold = [e.label for e in test_set]
+        test_scores = score(test_gold, decide(test_probs, threshold))
+        test_argmax = score(test_gold, decide(test_probs, None))
+    result = FineTuneResult(
+        dev=dev_scores, test=test_scores, test_argmax=test_argmax,
+        negative_threshold=threshold, steps=step, epochs_done=step / steps_per_epoch,
+        best_step=best_step, minutes=minutes, stopped_by=stopped_by,
+    )
+    model.config.negative_threshold = round(threshold, 4)
+    model.config.text_normalization = NORMALIZATION
+    model.config.max_seq_length = MAX_LENGTH
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.model_max_length = MAX_LENGTH
+    tokenizer.save_pretrained(str(out))
+    (out / "README.md").write_text(model_card(result, cfg, len(train_set), len(dev_set)))
+    return result
+
+
+def _row(name: str, s: Scores | None) -> str:
+    if s is None:
+        return f"| {name} | - | - | - | - |"
+    return (f"| {name} | {s.accuracy:.3f} | {s.macro_f1:.3f} | "
+            f"{s.negative_precision:.3f} | {s.negative_recall:.3f} |")
+
+
+def model_card(r: FineTuneResult, cfg: TrainConfig, n_train: int, n_dev: int) -> str:
+    confusion = ""
+    if r.test is not None:
+        head = "| true \\ predicted | " + " | ".join(LABELS) + " |\n|---|---:|---:|---:|\n"
+        body = "".join(
+            f"| {LABELS[i]} | " + " | ".join(str(v) for v in row) + " |\n"
+            for i, row in enumerate(r.test.confusion)
+        )
+        confusion = f"\nTest confusion matrix (with the threshold):\n\n{head}{body}"
+    return f"""---
+library_name: transformers
+pipeline_tag: text-classification
+base_model: sentence-transformers/all-MiniLM-L6-v2
+---
+# sentiment-minilm
+
+all-MiniLM-L6-v2 fine-tuned end to end (BertForSequenceClassification, labels
+{", ".join(LABELS)}) on the Twitter US Airline Sentiment tweets, deduplicated on
+`tweet_id`, split 80/10/10 by a SHA-1 hash of `tweet_id`. Made by
+`supportbot finetune sentiment`. Input text is normalised first (`{NORMALIZATION}`:
+@handles to `@user`, links to `http`, emoji also written as their names); use
+`finetune.sentiment_data.normalize` before classifying.
+
+`config.json` holds `negative_threshold` = {r.negative_threshold:.4f}: tuned on dev for the
+best macro-F1 keeping negative recall >= 0.90; a text is negative when P(negative) is at
+least that, otherwise the larger of neutral and positive.
+
+| split | accuracy | macro-F1 | negative precision | negative recall |
+|---|---:|---:|---:|---:|
+{_row(f"dev ({n_dev}, threshold)", r.dev)}
+{_row("test (argmax)", r.test_argmax)}
+{_row("test (threshold)", r.test)}
+{confusion}
+Training: {n_train} tweets, {r.steps} steps ({r.epochs_done:.2f} epochs) in {r.minutes:.1f} min
+on CPU with {cfg.threads} thread(s); stopped by {r.stopped_by}; best dev checkpoint at step
+{r.best_step}. batch {cfg.batch_size}, lr {cfg.lr}, weight decay {cfg.weight_decay}, warmup
+{cfg.warmup}, max_length {MAX_LENGTH}, class-weighted loss {cfg.class_weights}, seed {cfg.seed}.
+
+Data license: the tweets are CC BY-NC-SA 4.0 (CrowdFlower "Data for Everyone"); this model
+is trained on them and is for non-commercial use.
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="airline Tweets.csv")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="model folder to write")
+    parser.add_argument("--epochs", type=float, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--evals-per-epoch", type=int, default=d.evals_per_epoch)
+    parser.add_argument("--patience", type=int, default=d.patience,
+                        help="dev evaluations without improvement before stopping")
+    parser.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                        help="time budget for training; 0 means none")
+    parser.add_argument("--no-class-weights", action="store_true")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--threads", type=int, default=d.threads, help="torch threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, evals_per_epoch=args.evals_per_epoch,
+        patience=args.patience, max_minutes=args.max_minutes,
+        class_weights=not args.no_class_weights, seed=args.seed, threads=args.threads,
+    )
+    try:
+        data = load(args.data)
+        result = finetune(data.split("train"), data.split("dev"), data.split("test"),
+                          args.out, cfg, log=lambda line: print(line, flush=True))
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"saved {args.out} after {result.steps} steps ({result.epochs_done:.2f} epochs, "
+          f"{result.minutes:.1f} min, stopped by {result.stopped_by}); "
+          f"P(negative) threshold {result.negative_threshold:.4f}")
+    for name, s in (("dev", result.dev), ("test (argmax)", result.test_argmax),
+                    ("test", result.test)):
+        if s is not None:
+            print(f"{name}: accuracy {s.accuracy:.3f}  macro-F1 {s.macro_f1:.3f}  "
+                  f"negative P {s.negative_precision:.3f} R {s.negative_recall:.3f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.sentiment",
+                                     description=__doc__.splitlines()[0])
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The airline-tweets sentiment data set: loading, cleaning, the fixed split, and its scores.
+
+Everything that trains or evaluates a sentiment model reads the data through here, so every
+model sees the same deduplicated rows, the same normalised text and the same test split.
+The runtime classifier must apply :func:`normalize` too, or it sees text unlike its training.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+LABELS: tuple[str, str, str] = ("negative", "neutral", "positive")
+NEGATIVE = 0
+DEFAULT_DATA = Path("../shared/data/airline-sentiment/Tweets.csv")
+NORMALIZATION = "social-v1"
+"""Names the text normalisation; stored with trained models so a mismatch can be detected."""
+
+Split = Literal["train", "dev", "test"]
+REQUIRED_COLUMNS = ("tweet_id", "airline_sentiment", "text")
+PERSONAL_COLUMNS = ("name", "tweet_coord", "tweet_location")
+"""Twitter handle and location of the author: read past, never kept."""
+
+_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_HANDLE = re.compile(r"(?<![\w@])@\w+")
+_SPACE = re.compile(r"\s+")
+_QUOTES = str.maketrans({"’": "'", "‘": "'", "“": '"', "”": '"', "…": "...", "—": " - "})
+_INVISIBLE = frozenset({"\ufe0e", "\ufe0f", "\u200d"})
+
+
+class DataError(Exception):
+    """Training data that cannot be used; the message names the file (and line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One deduplicated tweet; ``text`` is already normalised (no handles, no URLs)."""
+
+    tweet_id: int
+    text: str
+    label: int
+    confidence: float
+    negative_reason: str
+    airline: str
+
+    @property
+    def split(self) -> Split:
+        return split_of(self.tweet_id)
+
+
+def normalize(text: str) -> str:
+    """Normalise social-media text without throwing away its sentiment signal.
+
+    @handles become ``@user`` and links ``http`` (names and links say nothing about mood and
+    are personal); HTML entities are decoded. Case, "!!!" and emoji are kept; an emoji is
+    written as ``:its name:`` too, because the MiniLM vocabulary maps emoji to [UNK].
+    """
+    text = html.unescape(text).translate(_QUOTES)
+    text = _URL.sub("http", text)
+    text = _HANDLE.sub("@user", text)
+    parts: list[str] = []
+    for ch in text:
+        if ch in _INVISIBLE or 0x1F3FB <= ord(ch) <= 0x1F3FF:
+            continue
+        if unicodedata.category(ch) == "So":
+            name = unicodedata.name(ch, "").lower()
+            parts.append(f" {ch} :{name}: " if name else ch)
+        else:
+            parts.append(ch)
+    return _SPACE.sub(" ", "".join(parts)).strip()
+
+
+def split_of(tweet_id: int) -> Split:
+    """80/10/10 by a stable hash of the id, so the split never depends on row order."""
+    bucket = int(hashlib.sha1(str(tweet_id).encode("ascii")).hexdigest(), 16) % 100
+    if bucket < 80:
+        return "train"
+    return "dev" if bucket < 90 else "test"
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """The loaded data and what loading dropped, so reports can say it."""
+
+    path: Path
+    examples: tuple[Example, ...]
+    rows_read: int
+    duplicates_dropped: int
+    conflicting_ids_dropped: int
+
+    def split(self, name: Split) -> list[Example]:
+        return [e for e in self.examples if e.split == name]
+
+
+def load(path: str | Path) -> Dataset:
+    """Read Tweets.csv, validate every row, drop personal columns and duplicate ids.
+
+    A repeated ``tweet_id`` with the same label keeps its first row; an id whose rows
+    disagree on the label is dropped entirely, since neither label can be trusted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{path}: sentiment data not found (expected the airline Tweets.csv; pass --data PATH)"
+        )
+    rows: dict[int, Example] = {}
+    labels_seen: dict[int, set[int]] = {}
+    order: list[int] = []
+    read = 0
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}:1: empty file, expected a Tweets.csv header")
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise DataError(f"{path}:1: header lacks column(s) {', '.join(missing)}")
+            index = {name: i for i, name in enumerate(header)}
+            line = reader.line_num + 1
+            for fields in reader:
+                if fields:
+                    example = _parse(fields, index, len(header), f"{path}:{line}")
+                    read += 1
+                    if example.tweet_id not in rows:
+                        rows[example.tweet_id] = example
+                        labels_seen[example.tweet_id] = set()
+                        order.append(example.tweet_id)
+                    labels_seen[example.tweet_id].add(example.label)
+                line = reader.line_num + 1
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except csv.Error as exc:
+        raise DataError(f"{path}:{line}: malformed CSV ({exc})") from exc
+    conflicting = {i for i, seen in labels_seen.items() if len(seen) > 1}
+    kept = tuple(rows[i] for i in order if i not in conflicting)
+    return Dataset(
+        path=path,
+        examples=kept,
+        rows_read=read,
+        duplicates_dropped=read - len(order),
+        conflicting_ids_dropped=len(conflicting),
+    )
+
+
+def _parse(fields: list[str], index: dict[str, int], width: int, where: str) -> Example:
+    if len(fields) != width:
+        raise DataError(f"{where}: expected {width} fields, found {len(fields)}")
+
+    def get(name: str) -> str:
+        i = index.get(name)
+        return fields[i].strip() if i is not None else ""
+
+    raw_id = get("tweet_id")
+    if not raw_id.isdigit():
+        raise DataError(f"{where}: tweet_id {raw_id!r} is not a number")
+    sentiment = get("airline_sentiment")
+    if sentiment not in LABELS:
+        raise DataError(
+            f"{where}: airline_sentiment {sentiment!r} is not one of {', '.join(LABELS)}"
+        )
+    raw_conf = get("airline_sentiment_confidence") or "1"
+    try:
+        confidence = float(raw_conf)
+    except ValueError:
+        raise DataError(
+            f"{where}: airline_sentiment_confidence {raw_conf!r} is not a number"
+        ) from None
+    text = normalize(fields[index["text"]])
+    if not text:
+        raise DataError(f"{where}: empty text")
+    return Example(
+        tweet_id=int(raw_id),
+        text=text,
+        label=LABELS.index(sentiment),
+        confidence=confidence,
+        negative_reason=get("negativereason"),
+        airline=get("airline"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """What the issue asks to report for a classifier on the test split."""
+
+    n: int
+    accuracy: float
+    macro_f1: float
+    negative_precision: float
+    negative_recall: float
+    confusion: tuple[tuple[int, ...], ...]
+    """Rows are the true label, columns the prediction, both in :data:`LABELS` order."""
+
+
+def score(gold: Sequence[int], predicted: Sequence[int]) -> Scores:
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
+    k = len(LABELS)
+    matrix = [[0] * k for _ in range(k)]
+    for g, p in zip(gold, predicted, strict=True):
+        matrix[g][p] += 1
+    f1s: list[float] = []
+    precision: list[float] = []
+    recall: list[float] = []
+    for c in range(k):
+        tp = matrix[c][c]
+        predicted_c = sum(matrix[r][c] for r in range(k))
+        actual_c = sum(matrix[c])
+        p = tp / predicted_c if predicted_c else 0.0
+        r = tp / actual_c if actual_c else 0.0
+        precision.append(p)
+        recall.append(r)
+        f1s.append(2 * p * r / (p + r) if p + r else 0.0)
+    n = len(gold)
+    return Scores(
+        n=n,
+        accuracy=sum(matrix[c][c] for c in range(k)) / n if n else 0.0,
+        macro_f1=sum(f1s) / k,
+        negative_precision=precision[NEGATIVE],
+        negative_recall=recall[NEGATIVE],
+        confusion=tuple(tuple(row) for row in matrix),
+    )
+
+
+def decide(probabilities: Iterable[Sequence[float]], negative_threshold: float | None) -> list[int]:
+    """Labels from class probabilities; with a threshold, P(negative) >= it means negative.
+
+    Below the threshold the choice is between neutral and positive, so the threshold moves
+    only the negative boundary (what escalation cares about) and leaves the rest to argmax.
+    """
+    out: list[int] = []
+    for p in probabilities:
+        if negative_threshold is None:
+            out.append(max(range(len(p)), key=lambda c: p[c]))
+        elif p[NEGATIVE] >= negative_threshold:
+            out.append(NEGATIVE)
+        else:
+            out.append(max(range(1, len(p)), key=lambda c: p[c]))
+    return out
+
+
+def tune_negative_threshold(
+    gold: Sequence[int],
+    probabilities: Sequence[Sequence[float]],
+    min_recall: float = 0.90,
+) -> float:
+    """The P(negative) threshold with the best macro-F1 among those keeping recall >= min.
+
+    Tuned on the dev split only. If no threshold reaches the recall, the one with the
+    highest recall is returned (the lowest candidate), so the caller still gets a number.
+    """
+    candidates = sorted({round(p[NEGATIVE], 3) for p in probabilities} | {0.5})
+    best: tuple[float, float] | None = None
+    for t in candidates:
+        s = score(gold, decide(probabilities, t))
+        if s.negative_recall >= min_recall and (best is None or s.macro_f1 > best[0]):
+            best = (s.macro_f1, t)
+    return best[1] if best is not None else candidates[0]
+
+
+def label_counts(examples: Iterable[Example]) -> Counter[int]:
+    return Counter(e.label for e in examples)

@@ -1,0 +1,261 @@
+"""Sentiment training and evaluation on a hand-written fixture in the Tweets.csv format.
+
+Real MiniLM, real training, real files; only the data is small, so the suite needs no
+copy of the airline data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from finetune import eval_sentiment, sentiment_head
+from finetune.sentiment_data import (
+    LABELS,
+    DataError,
+    Example,
+    decide,
+    load,
+    normalize,
+    score,
+    split_of,
+    tune_negative_threshold,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tweets_small.csv"
+CONFLICTING_ID = 570000000001100742
+
+
+def _args(module: ModuleType, *argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    module.configure(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_split_is_a_fixed_function_of_the_id() -> None:
+    # Ids from the real data set; the assignment must never change between runs or versions.
+    assert split_of(570306133677760513) == "train"
+    assert split_of(570301130888122368) == "dev"
+    assert split_of(570301083672813571) == "test"
+    shares = [split_of(i) for i in range(10_000)]
+    assert 0.77 < shares.count("train") / 10_000 < 0.83
+    assert 0.08 < shares.count("test") / 10_000 < 0.12
+
+
+def test_split_does_not_depend_on_row_order(tmp_path: Path) -> None:
+    header, body = FIXTURE.read_text(encoding="utf-8").split("\n", 1)
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(reversed(list(csv.reader(io.StringIO(body)))))
+    reversed_file = tmp_path / "reversed.csv"
+    reversed_file.write_text(header + "\n" + out.getvalue(), encoding="utf-8")
+    forward, backward = load(FIXTURE), load(reversed_file)
+    for split in ("train", "dev", "test"):
+        assert {e.tweet_id for e in forward.split(split)} == {
+            e.tweet_id for e in backward.split(split)
+        }
+    assert {len(forward.split(s)) for s in ("dev", "test")} == {6}
+
+
+def test_duplicates_and_conflicting_labels_are_dropped() -> None:
+    data = load(FIXTURE)
+    ids = [e.tweet_id for e in data.examples]
+    assert data.rows_read == 42
+    assert len(ids) == len(set(ids)) == 39
+    assert CONFLICTING_ID not in ids
+    assert data.conflicting_ids_dropped == 1
+    assert data.duplicates_dropped == 2
+
+
+def test_personal_columns_are_not_kept() -> None:
+    data = load(FIXTURE)
+    assert set(Example.__slots__) == {
+        "tweet_id", "text", "label", "confidence", "negative_reason", "airline"
+    }
+    values = " ".join(str(getattr(e, f)) for e in data.examples for f in Example.__slots__)
+    assert "fan0" not in values and "Springfield" not in values and "-74.2" not in values
+    assert "@SkyJetAir" not in values and "t.co" not in values
+
+
+def test_normalisation_keeps_the_signal_of_social_text() -> None:
+    text = "@SkyJetAir WHY is my bag LOST?!!! 😡😡 see https://t.co/xYz &amp; http://t.co/a @bob"
+    assert normalize(text) == (
+        "@user WHY is my bag LOST?!!! 😡 :pouting face: 😡 :pouting face: see http & http @user"
+    )
+    assert normalize("thanks ❤️👍🏽\n\nsee you") == (
+        "thanks ❤ :heavy black heart: 👍 :thumbs up sign: see you"
+    )
+    assert normalize("mail me at a@b.com") == "mail me at a@b.com"
+    assert normalize("it’s “fine”…") == "it's \"fine\"..."
+
+
+def test_loaded_text_is_normalised() -> None:
+    texts = {e.text for e in load(FIXTURE).examples}
+    assert "@user delayed AGAIN. third time this month. done." in texts
+    assert "@user my suitcase arrived broken & soaked. awful http" in texts
+
+
+def test_missing_data_file_names_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere" / "Tweets.csv"
+    with pytest.raises(DataError, match=str(missing)):
+        load(missing)
+    assert sentiment_head.run(_args(sentiment_head, "--data", str(missing))) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert eval_sentiment.run(_args(eval_sentiment, "--data", str(missing))) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def _corrupt(tmp_path: Path, line_number: int, old: str, new: str) -> Path:
+    lines = FIXTURE.read_text(encoding="utf-8").split("\n")
+    assert old in lines[line_number - 1]
+    lines[line_number - 1] = lines[line_number - 1].replace(old, new, 1)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines), encoding="utf-8")
+    return bad
+
+
+def test_bad_label_names_file_and_physical_line(tmp_path: Path) -> None:
+    # Lines 7-8 hold one tweet with a newline inside, so line 9 is the 7th record.
+    bad = _corrupt(tmp_path, 9, ",negative,", ",furious,")
+    with pytest.raises(DataError) as err:
+        load(bad)
+    assert str(err.value).startswith(f"{bad}:9: airline_sentiment 'furious' is not one of")
+
+
+def test_bad_row_shape_and_id_are_reported_with_line(tmp_path: Path) -> None:
+    bad = _corrupt(tmp_path, 12, ",0,@", ",0,extra,@")
+    with pytest.raises(DataError, match=rf"^{bad}:12: expected 15 fields, found 16$"):
+        load(bad)
+    bad = _corrupt(tmp_path, 3, "570000000000126705", "5.70E+17")
+    with pytest.raises(DataError, match=rf"^{bad}:3: tweet_id '5.70E\+17' is not a number$"):
+        load(bad)
+
+
+def test_header_without_required_columns(tmp_path: Path) -> None:
+    bad = tmp_path / "other.csv"
+    bad.write_text("id,label,body\n1,negative,hello\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{bad}:1: header lacks column\(s\) tweet_id, "):
+        load(bad)
+
+
+def test_scores_and_threshold_rule() -> None:
+    s = score([0, 0, 0, 1, 2, 2], [0, 0, 1, 1, 2, 0])
+    assert s.confusion == ((2, 1, 0), (0, 1, 0), (1, 0, 1))
+    assert s.accuracy == pytest.approx(4 / 6)
+    assert s.negative_precision == pytest.approx(2 / 3)
+    assert s.negative_recall == pytest.approx(2 / 3)
+    assert s.macro_f1 == pytest.approx((2 / 3 + 2 / 3 + 2 / 3) / 3)
+    probs = [[0.4, 0.5, 0.1], [0.2, 0.1, 0.7], [0.9, 0.05, 0.05]]
+    assert decide(probs, None) == [1, 2, 0]
+    assert decide(probs, 0.3) == [0, 2, 0]
+    assert tune_negative_threshold([0, 2, 0], probs) == pytest.approx(0.4)
+
+
+@pytest.fixture(scope="module")
+def trained_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("head")
+    out = root / "head.safetensors"
+    args = _args(sentiment_head, "--data", str(FIXTURE), "--out", str(out),
+                 "--cache-dir", str(root / "cache"), "--seed", "3")
+    assert sentiment_head.run(args) == 0
+    return out
+
+
+def test_head_file_is_small_and_complete(trained_head: Path) -> None:
+    from safetensors import safe_open
+
+    assert trained_head.stat().st_size < 8_000
+    with safe_open(str(trained_head), framework="numpy") as f:
+        assert set(f.keys()) == {"weight", "bias"}
+        assert f.get_tensor("weight").shape == (3, 384)
+        assert f.get_tensor("weight").dtype == np.float32
+        assert f.get_tensor("bias").shape == (3,)
+        meta = f.metadata()
+    assert meta["labels"] == "negative,neutral,positive"
+    assert meta["text_normalization"] == "social-v1"
+    assert 0.0 < float(meta["negative_threshold"]) < 1.0
+
+
+def test_head_predicts_the_obvious_cases(trained_head: Path, tmp_path: Path) -> None:
+    head = sentiment_head.load_head(trained_head)
+    encoder = sentiment_head.Encoder(tmp_path / "cache")
+    texts = [
+        normalize("@AirCo my bag is LOST and your staff was rude. worst airline ever!!! 😡"),
+        normalize("@AirCo thank you so much, wonderful crew and a great flight ❤️"),
+    ]
+    probs = head.probabilities(encoder.encode(texts))
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert [LABELS[i] for i in head.predict(encoder.encode(texts))] == ["negative", "positive"]
+    assert probs[0][0] > 0.5 > probs[1][0]
+
+
+def test_head_training_is_reproducible(trained_head: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again.safetensors"
+    args = _args(sentiment_head, "--data", str(FIXTURE), "--out", str(again),
+                 "--cache-dir", str(tmp_path / "cache"), "--seed", "3")
+    assert sentiment_head.run(args) == 0
+    first, second = sentiment_head.load_head(trained_head), sentiment_head.load_head(again)
+    assert np.array_equal(first.weight, second.weight)
+    assert np.array_equal(first.bias, second.bias)
+
+
+def test_eval_prints_one_table_for_all_models(
+    trained_head: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing_model = tmp_path / "no-model"
+    args = _args(eval_sentiment, "--data", str(FIXTURE), "--head", str(trained_head),
+                 "--model", str(missing_model), "--cache-dir", str(tmp_path / "cache"))
+    assert eval_sentiment.run(args) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == f"test split of {FIXTURE}: 6 tweets (negative 2, neutral 2, positive 2)"
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ")}
+    assert "| majority class | 0.333 | 0.167 | 0.333 | 1.000 | 2 0 0 / 2 0 0 / 2 0 0 |" in (
+        rows["majority class"]
+    )
+    assert any(name.startswith("VADER") for name in rows)
+    assert "embedded head (argmax)" in rows
+    head_cells = rows["embedded head (argmax)"].split("|")
+    assert 0.5 <= float(head_cells[2]) <= 1.0
+    assert f"fine-tuned model skipped: {missing_model} does not exist" in out
+
+
+def test_finetune_writes_a_loadable_model_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from finetune import sentiment
+
+    out = tmp_path / "model"
+    args = _args(sentiment, "--data", str(FIXTURE), "--out", str(out), "--epochs", "2",
+                 "--batch-size", "16", "--evals-per-epoch", "1", "--lr", "1e-4",
+                 "--threads", "0")
+    assert sentiment.run(args) == 0
+    printed = capsys.readouterr().out
+    assert f"saved {out} after 4 steps (2.00 epochs" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert 0.0 < config["negative_threshold"] < 1.0
+    assert config["text_normalization"] == "social-v1"
+    assert (out / "tokenizer.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "| test (threshold) |" in card and "stopped by" in card
+    model = sentiment.FineTuned(out)
+    probs = model.probabilities(["@user thanks!", "@user my bag is lost"])
+    assert probs.shape == (2, 3)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+    args = _args(eval_sentiment, "--data", str(FIXTURE), "--model", str(out),
+                 "--head", str(tmp_path / "no-head.safetensors"))
+    assert eval_sentiment.run(args) == 0
+    table = capsys.readouterr().out
+    assert "| fine-tuned MiniLM (argmax) |" in table
+    assert "| fine-tuned MiniLM (P(neg) >= " in table
+    assert "embedded head skipped: " in table and "no-head.safetensors" in table
