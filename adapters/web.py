@@ -134,6 +134,7 @@ class WebAdapter(Adapter, CustomerChannel):
         app.router.add_get("/api/operator/ws", self._operator_ws)
         app.router.add_get("/api/operator/tickets", self._tickets)
         app.router.add_get("/api/operator/tickets/{id:\\d+}", self._ticket)
+        app.router.add_get("/api/operator/tickets/{id:\\d+}/draft", self._draft)
         app.router.add_post("/api/operator/tickets/{id:\\d+}/{action}", self._ticket_action)
         app.router.add_static("/static", STATIC)
         return app
@@ -341,6 +342,17 @@ class WebAdapter(Adapter, CustomerChannel):
                 for ln in lines
             ],
         })
+
+    async def _draft(self, request: web.Request) -> web.Response:
+        self._operator(request)
+        try:
+            text = await self.pipeline.operators.draft(int(request.match_info["id"]))
+        except OperatorError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        except Exception as exc:
+            log.warning("draft failed: %s", exc)
+            return web.json_response({"error": "the bot could not draft a reply"}, status=503)
+        return web.json_response({"draft": text})
 
     async def _ticket_action(self, request: web.Request) -> web.Response:
         operator = self._operator(request)

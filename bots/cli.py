@@ -22,6 +22,7 @@ OFFLINE_TOOLS: dict[str, dict[str, str]] = {
         "sentiment": "finetune.eval_sentiment",
         "escalation": "finetune.eval_escalation",
         "retrieval": "finetune.eval_retrieval",
+        "grounding": "finetune.eval_grounding",
         "recommender": "finetune.eval_recommender",
         "generator": "finetune.eval_generator",
     },

@@ -11,8 +11,10 @@ from core.channels import Adapter
 from core.config import ConfigError, Settings
 from core.generation import Generator
 from core.generation.model_files import ensure_hf_model
+from core.grounding import Grounder
 from core.pipeline import Pipeline
 from core.recommender import NoSuggestions, Recommender
+from core.retrieval import Retriever
 from core.sentiment import build_classifier
 from core.store import SQLiteStore
 
@@ -35,14 +37,39 @@ async def build_generator(settings: Settings) -> Generator:
     )
 
 
-async def build_recommender(settings: Settings) -> Recommender:
+async def open_retriever(settings: Settings) -> Retriever | None:
+    """The knowledge-base index, shared by grounded answers and suggestions."""
+    if not (settings.grounding.enabled or settings.recommender.enabled):
+        return None
+    cache = Path(settings.service.data_dir) / "cache"
+    return await Retriever.open(
+        settings.recommender.knowledge_dir, cache, threshold=settings.grounding.threshold
+    )
+
+
+async def build_recommender(
+    settings: Settings, store: SQLiteStore, retriever: Retriever | None
+) -> Recommender:
     if not settings.recommender.enabled:
         return NoSuggestions()
-    try:
-        from core.suggestions import build_default_recommender
-    except ImportError:
-        return NoSuggestions()
-    return await build_default_recommender(settings)
+    from core.suggestions import build_default_recommender
+
+    return await build_default_recommender(settings, store, retriever)
+
+
+def build_grounder(settings: Settings, retriever: Retriever | None) -> Grounder | None:
+    g = settings.grounding
+    if not g.enabled or retriever is None:
+        return None
+    known = {
+        "company_name": g.company_name, "website_url": g.website_url,
+        "support_phone": g.support_phone, "support_email": g.support_email,
+        "support_hours": g.support_hours,
+    }
+    return Grounder(
+        retriever, settings.prompt.system, k=g.k, max_context_chars=g.max_context_chars,
+        cite_margin=g.cite_margin, known=known, reload_interval_s=g.reload_interval_s,
+    )
 
 
 def build_adapters(settings: Settings) -> list[Adapter]:
@@ -74,7 +101,9 @@ def build_adapters(settings: Settings) -> list[Adapter]:
 class Service:
     """The running service: start everything in order, stop it in reverse."""
 
-    __slots__ = ("adapters", "classifier", "generator", "pipeline", "settings", "store")
+    __slots__ = (
+        "adapters", "classifier", "generator", "pipeline", "recommender", "settings", "store",
+    )
 
     def __init__(self, settings: Settings, adapters: list[Adapter] | None = None) -> None:
         self.settings = settings
@@ -85,17 +114,20 @@ class Service:
         s = settings.sentiment
         self.classifier = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
         self.generator: Generator | None = None
+        self.recommender: Recommender | None = None
         self.pipeline: Pipeline | None = None
 
     async def start(self) -> Pipeline:
         await self.store.open()
-        self.generator, recommender, _ = await asyncio.gather(
-            build_generator(self.settings), build_recommender(self.settings),
-            self.classifier.start(),
-        )
+        # One model load at a time: transformers' meta-device loading is not thread-safe.
+        self.generator = await build_generator(self.settings)
         await self.generator.start()
+        await self.classifier.start()
+        retriever = await open_retriever(self.settings)
+        self.recommender = await build_recommender(self.settings, self.store, retriever)
         self.pipeline = Pipeline(
-            self.settings, self.store, self.classifier, self.generator, recommender
+            self.settings, self.store, self.classifier, self.generator, self.recommender,
+            build_grounder(self.settings, retriever),
         )
         for adapter in self.adapters:
             await adapter.start(self.pipeline)
@@ -113,6 +145,9 @@ class Service:
             await self.pipeline.close(self.settings.service.shutdown_grace_s)
         if self.generator is not None:
             await self.generator.close()
+        close = getattr(self.recommender, "close", None)
+        if close is not None:
+            await close()
         await self.classifier.close()
         await self.store.close()
 

@@ -82,7 +82,8 @@ class PromptSettings:
         "a person."
     )
     history_turns: int = Field(default=6, ge=0)
-    history_token_budget: int = Field(default=768, gt=0)
+    history_token_budget: int = Field(default=1536, gt=0)
+    """Includes the system prompt, which carries up to ~600 tokens of passages."""
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -128,6 +129,42 @@ class RecommenderSettings:
     enabled: bool = True
     max_suggestions: int = Field(default=3, ge=0)
     knowledge_dir: str = "knowledge"
+    """The help articles, shared by suggestions and grounded answers."""
+    model: Literal["als", "bpr", "item-item"] = "als"
+    factors: int = Field(default=64, gt=0)
+    iterations: int = Field(default=15, gt=0)
+    regularization: float = Field(default=0.05, ge=0)
+    alpha: float = Field(default=2.0, gt=0)
+    train_threads: int = Field(default=1, gt=0)
+    cf_weight: float = Field(default=0.3, ge=0)
+    content_weight: float = Field(default=0.6, ge=0)
+    popularity_weight: float = Field(default=0.1, ge=0)
+    exploration: float = Field(default=0.05, ge=0, le=1)
+    """Share of suggestion lists with one slot given to a rarely shown article."""
+    retrain_every_s: float = Field(default=600.0, gt=0)
+    retrain_after_events: int = Field(default=200, gt=0)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class GroundingSettings:
+    """Answers grounded in the knowledge base; nothing relevant means a hand-off."""
+
+    enabled: bool = True
+    threshold: float = Field(default=0.35, ge=-1, le=1)
+    """Cosine similarity a passage needs; below it for every passage the bot says it does
+    not know and hands off (reason ``no_answer``). `supportbot eval grounding --sweep`."""
+    k: int = Field(default=3, gt=0)
+    max_context_chars: int = Field(default=2400, gt=0)
+    cite_margin: float = Field(default=0.05, ge=0)
+    reload_interval_s: float = Field(default=30.0, ge=0)
+    no_answer_text: str = ""
+    """Empty means ``core.grounding.NO_ANSWER_TEXT``."""
+    # Facts that fill {{...}} placeholders the customer has not given; empty = plain words.
+    company_name: str = ""
+    website_url: str = ""
+    support_phone: str = ""
+    support_email: str = ""
+    support_hours: str = ""
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -195,6 +232,7 @@ class Settings:
     sentiment: SentimentSettings = Field(default_factory=SentimentSettings)
     escalation: EscalationSettings = Field(default_factory=EscalationSettings)
     recommender: RecommenderSettings = Field(default_factory=RecommenderSettings)
+    grounding: GroundingSettings = Field(default_factory=GroundingSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)

@@ -175,6 +175,11 @@ class OperatorDesk:
         if not row["first_response_at"]:
             await self._store.update_ticket(ticket_id, first_response_at=now_iso())
 
+    async def draft(self, ticket_id: int) -> str:
+        """A reply the bot drafts for the operator to send or edit (agent assist)."""
+        row = await self._active(ticket_id, "open", "claimed")
+        return await self._pipeline.draft_reply(row["conversation_id"])
+
     async def resolve(self, ticket_id: int, operator: Operator, note: str = "") -> TicketView:
         row = await self._active(ticket_id, "open", "claimed")
         await self._store.update_ticket(

@@ -12,15 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from core import metrics
 from core.channels import CustomerChannel, ReplyStream
 from core.config import Settings
-from core.escalation import REASON_GENERATION, REASON_REQUESTED, Escalation, EscalationPolicy
+from core.escalation import (
+    REASON_GENERATION,
+    REASON_NO_ANSWER,
+    REASON_REQUESTED,
+    Escalation,
+    EscalationPolicy,
+)
 from core.generation import GenerationError, GenerationParams, Generator
-from core.messages import Inbound, Kind, Reply, Sender, Suggestion, User
+from core.grounding import NO_ANSWER_TEXT, Grounder, StreamingPlaceholderFilter
+from core.messages import Citation, Inbound, Kind, Reply, Sender, Suggestion, User
 from core.operators import Operator, OperatorDesk
 from core.prompt import build_chat
 from core.recommender import NoSuggestions, Recommender, SuggestionRequest
@@ -41,8 +48,8 @@ class Pipeline:
     """The core of the service; adapters call :meth:`submit` and implement the channels."""
 
     __slots__ = (
-        "_active", "_classifier", "_closing", "_generator", "_params", "_policy", "_queues",
-        "_recommender", "_settings", "_workers", "channels", "operators", "store",
+        "_active", "_classifier", "_closing", "_generator", "_grounder", "_params", "_policy",
+        "_queues", "_recommender", "_settings", "_workers", "channels", "operators", "store",
     )
 
     def __init__(
@@ -52,8 +59,10 @@ class Pipeline:
         classifier: Classifier,
         generator: Generator,
         recommender: Recommender | None = None,
+        grounder: Grounder | None = None,
     ) -> None:
         self._settings = settings
+        self._grounder = grounder
         self.store = store
         self._classifier = classifier
         self._generator = generator
@@ -281,7 +290,9 @@ class Pipeline:
 
     # -- escalation ------------------------------------------------------------------
 
-    async def escalate(self, stored: StoredInbound, decision: Escalation) -> None:
+    async def escalate(
+        self, stored: StoredInbound, decision: Escalation, text: str | None = None
+    ) -> None:
         ticket_id = await self.store.open_ticket(
             stored.conversation_id, decision.reason, decision.scores
         )
@@ -297,7 +308,7 @@ class Pipeline:
         metrics.ESCALATIONS.labels(decision.reason).inc()
         await self.send_to_customer(
             stored.conversation_id,
-            Reply(self._settings.escalation.handoff_text, Sender.SYSTEM),
+            Reply(text or self._settings.escalation.handoff_text, Sender.SYSTEM),
             reply_to=stored.message_id,
         )
         await self.operators.announce(ticket_id)
@@ -318,8 +329,24 @@ class Pipeline:
             stored.conversation_id, stored.message_id, settings.prompt.history_turns
         )
         history = [("assistant" if r["direction"] == "out" else "user", r["text"]) for r in rows]
+        system = settings.prompt.system
+        citations: tuple[Citation, ...] = ()
+        facts: Mapping[str, str] = {}
+        if self._grounder is not None:
+            grounding = await self._grounder.ground(
+                text, [t for role, t in history if role == "user"]
+            )
+            if grounding.no_answer:
+                decision = Escalation(REASON_NO_ANSWER, {"question": text[:200]})
+                await self.escalate(
+                    stored, decision, settings.grounding.no_answer_text or NO_ANSWER_TEXT
+                )
+                return "escalated"
+            system, citations, facts = (
+                grounding.system_prompt, grounding.citations, grounding.context
+            )
         chat = build_chat(
-            settings.prompt.system, history, text,
+            system, history, text,
             count_tokens=self._generator.count_tokens,
             token_budget=settings.prompt.history_token_budget,
         )
@@ -331,7 +358,9 @@ class Pipeline:
         started = time.perf_counter()
         first_token: list[float] = []
         await stream.begin()
-        generation = asyncio.create_task(self._generate(chat, stream, started, first_token))
+        generation = asyncio.create_task(
+            self._generate(chat, stream, started, first_token, facts)
+        )
         self._active[stored.conversation_id] = generation
         try:
             reply_text = await generation
@@ -352,7 +381,7 @@ class Pipeline:
         finally:
             self._active.pop(stored.conversation_id, None)
         suggestions = await suggestions_task
-        reply = Reply(reply_text, Sender.BOT, tuple(suggestions))
+        reply = Reply(reply_text, Sender.BOT, tuple(suggestions), citations)
         platform_id = await stream.finish(reply)
         latency = time.perf_counter() - started
         await self.store.finish_outbound(
@@ -373,23 +402,50 @@ class Pipeline:
         return "answered"
 
     async def _generate(
-        self, chat: list, stream: ReplyStream, started: float, first_token: list[float]
+        self, chat: list, stream: ReplyStream, started: float, first_token: list[float],
+        facts: Mapping[str, str],
     ) -> str:
         text = ""
+        shown = StreamingPlaceholderFilter(facts)  # no raw {{Order Number}} reaches a customer
         async with asyncio.timeout(self._settings.generator.timeout_s):
             pieces = self._generator.stream(chat, self._params)
             try:
                 async for piece in pieces:
                     if not first_token:
                         first_token.append((time.perf_counter() - started) * 1000)
-                    text += piece
-                    await stream.update(text)
+                    visible = shown.feed(piece)
+                    if visible:
+                        text += visible
+                        await stream.update(text)
             finally:
                 await pieces.aclose()  # type: ignore[attr-defined]
-        text = text.strip()
+        text = (text + shown.flush()).strip()
         if not text:
             raise GenerationError("the model produced an empty reply")
         return text
+
+    async def draft_reply(self, conversation_id: int) -> str:
+        """Agent assist: what the bot would answer now, for an operator to send or edit."""
+        rows = await self.store.history(conversation_id, 2**62, self._settings.prompt.history_turns)
+        turns = [("assistant" if r["direction"] == "out" else "user", r["text"]) for r in rows]
+        while turns and turns[-1][0] == "assistant":
+            turns.pop()
+        if not turns:
+            return ""
+        chat = build_chat(
+            self._settings.prompt.system, turns[:-1], turns[-1][1],
+            count_tokens=self._generator.count_tokens,
+            token_budget=self._settings.prompt.history_token_budget,
+        )
+        pieces = self._generator.stream(chat, self._params)
+        text = ""
+        try:
+            async with asyncio.timeout(self._settings.generator.timeout_s):
+                async for piece in pieces:
+                    text += piece
+        finally:
+            await pieces.aclose()  # type: ignore[attr-defined]
+        return text.strip()
 
     async def _generation_failed(
         self, job: _Job, stream: ReplyStream, out_id: int, started: float, exc: BaseException

@@ -316,13 +316,33 @@ class SQLiteStore:
         )
 
     async def unfinished_inbound(self) -> list[dict]:
-        """Inbound messages accepted but never answered (a crash or a hard stop)."""
-        return await self.query(
-            "SELECT m.*, c.conversation_key, u.platform_user_id, u.display_name "
-            "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-            "JOIN users u ON u.id = c.user_id "
-            "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') ORDER BY m.id"
-        )
+        """Inbound messages accepted but never answered (a crash or a hard stop).
+
+        A message whose bot reply was already sent (the crash came between sending and
+        marking the message done) is marked answered here instead, so it is never
+        answered twice.
+        """
+
+        def op(db: sqlite_utils.Database) -> list[dict]:
+            db.execute(
+                "UPDATE messages SET status = 'answered' WHERE direction = 'in' AND status IN "
+                "('received', 'processing') AND EXISTS (SELECT 1 FROM messages o WHERE "
+                "o.reply_to = messages.id AND o.direction = 'out' AND o.sender = 'bot' "
+                "AND o.status = 'sent')"
+            )
+            db.execute(
+                "UPDATE messages SET status = 'failed', error = 'interrupted' "
+                "WHERE direction = 'out' AND status = 'pending'"
+            )
+            return list(db.query(
+                "SELECT m.*, c.conversation_key, u.platform_user_id, u.display_name "
+                "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                "JOIN users u ON u.id = c.user_id "
+                "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') "
+                "ORDER BY m.id"
+            ))
+
+        return await self._run(self._tx, op)
 
     # -- outbound --------------------------------------------------------------------
 

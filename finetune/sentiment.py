@@ -284,7 +284,7 @@ all-MiniLM-L6-v2 fine-tuned end to end (BertForSequenceClassification, labels
 `tweet_id`, split 80/10/10 by a SHA-1 hash of `tweet_id`. Made by
 `supportbot finetune sentiment`. Input text is normalised first (`{NORMALIZATION}`:
 @handles to `@user`, links to `http`, emoji also written as their names); use
-`finetune.sentiment_data.normalize` before classifying.
+`core.social_text.normalize` before classifying.
 
 `config.json` holds `negative_threshold` = {r.negative_threshold:.4f}: tuned on dev for the
 best macro-F1 keeping negative recall >= 0.90; a text is negative when P(negative) is at

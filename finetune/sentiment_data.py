@@ -2,38 +2,32 @@
 
 Everything that trains or evaluates a sentiment model reads the data through here, so every
 model sees the same deduplicated rows, the same normalised text and the same test split.
-The runtime classifier must apply :func:`normalize` too, or it sees text unlike its training.
+Text is cleaned by :func:`core.social_text.normalize`, which the runtime classifier applies too.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import html
-import re
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from core.social_text import NORMALIZATION, normalize
+
+__all__ = ["LABELS", "NORMALIZATION", "DataError", "Dataset", "Example", "load", "normalize"]
+
 LABELS: tuple[str, str, str] = ("negative", "neutral", "positive")
 NEGATIVE = 0
 DEFAULT_DATA = Path("../shared/data/airline-sentiment/Tweets.csv")
-NORMALIZATION = "social-v1"
-"""Names the text normalisation; stored with trained models so a mismatch can be detected."""
 
 Split = Literal["train", "dev", "test"]
 REQUIRED_COLUMNS = ("tweet_id", "airline_sentiment", "text")
 PERSONAL_COLUMNS = ("name", "tweet_coord", "tweet_location")
 """Twitter handle and location of the author: read past, never kept."""
 
-_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
-_HANDLE = re.compile(r"(?<![\w@])@\w+")
-_SPACE = re.compile(r"\s+")
-_QUOTES = str.maketrans({"’": "'", "‘": "'", "“": '"', "”": '"', "…": "...", "—": " - "})
-_INVISIBLE = frozenset({"\ufe0e", "\ufe0f", "\u200d"})
 
 
 class DataError(Exception):
@@ -54,28 +48,6 @@ class Example:
     @property
     def split(self) -> Split:
         return split_of(self.tweet_id)
-
-
-def normalize(text: str) -> str:
-    """Normalise social-media text without throwing away its sentiment signal.
-
-    @handles become ``@user`` and links ``http`` (names and links say nothing about mood and
-    are personal); HTML entities are decoded. Case, "!!!" and emoji are kept; an emoji is
-    written as ``:its name:`` too, because the MiniLM vocabulary maps emoji to [UNK].
-    """
-    text = html.unescape(text).translate(_QUOTES)
-    text = _URL.sub("http", text)
-    text = _HANDLE.sub("@user", text)
-    parts: list[str] = []
-    for ch in text:
-        if ch in _INVISIBLE or 0x1F3FB <= ord(ch) <= 0x1F3FF:
-            continue
-        if unicodedata.category(ch) == "So":
-            name = unicodedata.name(ch, "").lower()
-            parts.append(f" {ch} :{name}: " if name else ch)
-        else:
-            parts.append(ch)
-    return _SPACE.sub(" ", "".join(parts)).strip()
 
 
 def split_of(tweet_id: int) -> Split:

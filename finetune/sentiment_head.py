@@ -231,15 +231,30 @@ def train(
 
 
 def save_head(head: Head, path: str | Path) -> None:
-    from safetensors.numpy import save_file
+    """Write the head as safetensors with a sorted header, so equal heads are equal bytes.
 
+    The safetensors library writes metadata in hash-map order, which would make every
+    rerun show up as a changed committed file; the format is simple enough to write here.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
-        "weight": np.ascontiguousarray(head.weight, dtype=np.float32),
-        "bias": np.ascontiguousarray(head.bias, dtype=np.float32),
+        "bias": np.ascontiguousarray(head.bias, dtype="<f4"),
+        "weight": np.ascontiguousarray(head.weight, dtype="<f4"),
     }
-    save_file(tensors, str(path), metadata=head.metadata)
+    header: dict[str, object] = {"__metadata__": dict(sorted(head.metadata.items()))}
+    offset = 0
+    for name, array in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(
+        len(raw).to_bytes(8, "little") + raw + b"".join(a.tobytes() for a in tensors.values())
+    )
+    tmp.replace(path)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -70,8 +70,12 @@ async def test_customer_operator_round_trip(web_service) -> None:
         assert deltas[-1]["text"].strip() and frames[-1]["text"].strip()
         assert frames[-1]["sender"] == "bot"
 
-        rows = await store.query(
-            "SELECT direction, sender, text, status, sentiment FROM messages ORDER BY id")
+        async def answered() -> list[dict]:
+            rows = await store.query(
+                "SELECT direction, sender, text, status, sentiment FROM messages ORDER BY id")
+            return rows if rows[0]["status"] == "answered" else []
+
+        rows = await wait_for(answered, timeout=10)
         assert rows[0]["text"] == "How can I track my order?"
         assert rows[0]["status"] == "answered" and rows[0]["sentiment"] is not None
         assert rows[1]["direction"] == "out" and rows[1]["status"] == "sent"

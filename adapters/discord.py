@@ -1,0 +1,987 @@
+"""Discord: customers in DMs, support channels and mentions; operators in a channel's threads.
+
+Built on discord.py 2.x, which keeps its own rate-limit buckets, retries 429s after
+``retry_after`` and RESUMEs dropped gateway sessions. What this module adds on top:
+
+* every message is sent with ``AllowedMentions.none()``, so model output can never ping;
+* replies stream by editing one message at most every ``edit_interval_s``, are split at
+  2,000 characters on word boundaries, and broken model markdown is repaired or escaped;
+* suggestion buttons use ``DynamicItem`` custom ids (``sb:sg:<id>``), so presses on old
+  messages still work after a restart;
+* a replayed or redelivered MESSAGE_CREATE is processed once (the message snowflake is the
+  ``platform_message_id`` the pipeline deduplicates on, plus an in-memory guard for the
+  operator side), and ``on_ready`` firing again after a reconnect repeats no start-up work.
+
+Conversation keys: a DM or support-thread id as is (``"123"``); a shared guild channel is
+per user (``"<channel id>:<user id>"``) so two customers there never share a conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TYPE_CHECKING, Any
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+
+from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
+from core.config import DiscordSettings
+from core.messages import Inbound, Kind, Reply, Sender, User
+from core.operators import Operator, OperatorError
+
+if TYPE_CHECKING:
+    from core.operators import TicketView
+    from core.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+MAX_MESSAGE = 2000
+SUGGESTION_PREFIX = "sb:sg:"
+CUSTOMER_COMMANDS = frozenset({"start", "help", "human", "feedback"})
+OPERATOR_REFUSAL = "Only members with the operator role can work on tickets."
+NO_MENTIONS = discord.AllowedMentions.none()
+STOP_GRACE_S = 10.0
+
+_FENCE = "```"
+_FENCE_LINE = re.compile(r"^\s*```")
+_PAIRED_MARKERS = ("**", "__", "~~", "||")
+_TICKET_IN_NAME = re.compile(r"^#(\d+)\b")
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+# -- text rendering (pure) ---------------------------------------------------------------
+
+
+def _escape_last(text: str, marker: str) -> str:
+    at = text.rfind(marker)
+    escaped = "".join("\\" + ch for ch in marker)
+    return text[:at] + escaped + text[at + len(marker):]
+
+
+def _fix_prose(text: str) -> str:
+    """Escape markers that have no partner (they would swallow the rest of the message)."""
+    parts = re.split(r"(`[^`\n]+`)", text)
+    prose = parts[0::2]
+    prose = [p.replace("`", "\\`") for p in prose]
+    for marker in _PAIRED_MARKERS:
+        if sum(p.count(marker) for p in prose) % 2:
+            last = max(i for i, p in enumerate(prose) if marker in p)
+            prose[last] = _escape_last(prose[last], marker)
+    parts[0::2] = prose
+    return "".join(parts)
+
+
+def escape_model_markdown(text: str) -> str:
+    """Repair model markdown that would break a Discord message; leave the rest alone.
+
+    An unclosed code fence is closed, unpaired ``**``/``__``/``~~``/``||`` and stray
+    backticks outside code are escaped. Balanced formatting is kept as the model meant it.
+    """
+    pieces = re.split(r"(```[\s\S]*?```)", text)
+    out = []
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            out.append(piece)
+            continue
+        fence_at = piece.find(_FENCE)
+        if fence_at >= 0:
+            code = piece[fence_at:]
+            out.append(_fix_prose(piece[:fence_at]))
+            out.append(code + ("" if code.endswith("\n") else "\n") + _FENCE)
+        else:
+            out.append(_fix_prose(piece))
+    return "".join(out)
+
+
+def _open_fence(text: str) -> str | None:
+    """The opening fence line (e.g. ```py) if ``text`` ends inside a code block."""
+    opened: str | None = None
+    for line in text.split("\n"):
+        if _FENCE_LINE.match(line):
+            opened = None if opened is not None else line.strip()
+    return opened
+
+
+def _cut_point(text: str, budget: int) -> tuple[int, int]:
+    """Where to cut ``text`` to at most ``budget`` characters: (end of piece, start of rest)."""
+    window = text[: budget + 1]
+    for sep in ("\n\n", "\n", " "):
+        at = window.rfind(sep, budget // 3, budget + 1)
+        if at > 0:
+            return at, at + len(sep)
+    return budget, budget
+
+
+def split_message(text: str, limit: int = MAX_MESSAGE) -> list[str]:
+    """Split into messages of at most ``limit`` characters on word boundaries.
+
+    A code block cut in two is closed at the end of one message and reopened (with its
+    language) at the start of the next, so both render as code.
+    """
+    text = text.strip()
+    chunks: list[str] = []
+    fence: str | None = None
+    while text:
+        prefix = f"{fence}\n" if fence else ""
+        if len(prefix) + len(text) <= limit:
+            chunks.append(prefix + text)
+            break
+        budget = limit - len(prefix) - len("\n" + _FENCE)
+        end, start = _cut_point(text, budget)
+        body = prefix + text[:end].rstrip()
+        text = text[start:]
+        fence = _open_fence(body)
+        chunks.append(body + "\n" + _FENCE if fence else body)
+    return chunks
+
+
+def sparkline(values: tuple[float, ...]) -> str:
+    if not values:
+        return "(no scores yet)"
+    bars = "".join(_SPARKS[min(len(_SPARKS) - 1, int(v * len(_SPARKS)))] for v in values)
+    return f"{bars} {values[0]:.2f} → {values[-1]:.2f}"
+
+
+def quote(text: str, limit: int = 300) -> str:
+    """Customer text shown to operators: escaped, one quoted block, bounded."""
+    text = discord.utils.escape_markdown(text.strip())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return "\n".join("> " + line for line in text.splitlines() or [""])
+
+
+def conversation_key(channel_id: int, user_id: int | None = None) -> str:
+    return str(channel_id) if user_id is None else f"{channel_id}:{user_id}"
+
+
+def channel_of(key: str) -> int:
+    return int(key.split(":", 1)[0])
+
+
+def who(claimed_by: Any) -> str:
+    """An operator as shown in Discord; ``discord:<id>`` renders as a (silent) mention."""
+    name = getattr(claimed_by, "display_name", None) or getattr(claimed_by, "operator_id", None)
+    if name:
+        return str(name)
+    text = str(claimed_by or "someone")
+    if text.startswith(f"{PLATFORM}:") and text[len(PLATFORM) + 1:].isdigit():
+        return f"<@{text[len(PLATFORM) + 1:]}>"
+    return discord.utils.escape_markdown(text)
+
+
+class _Recent:
+    """A bounded memory of recent keys (ids already handled, sent message owners)."""
+
+    __slots__ = ("_items", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._size = size
+
+    def add(self, key: Hashable, value: Any = True) -> bool:
+        """Remember ``key``; ``False`` if it was already there."""
+        new = key not in self._items
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return new
+
+    def get(self, key: Hashable) -> Any:
+        return self._items.get(key)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+
+# -- suggestion buttons --------------------------------------------------------------------
+
+
+class SuggestionButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
+                       template=r"sb:sg:(?P<id>.{1,94})"):
+    """A help-article button; its custom id carries the article id, so it survives restarts."""
+
+    def __init__(self, suggestion_id: str, label: str = "") -> None:
+        super().__init__(discord.ui.Button(
+            label=(label or suggestion_id)[:80], style=discord.ButtonStyle.secondary,
+            custom_id=SUGGESTION_PREFIX + suggestion_id,
+        ))
+        self.suggestion_id = suggestion_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> SuggestionButton:
+        return cls(match["id"], getattr(item, "label", None) or "")
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        client = interaction.client
+        if isinstance(client, _Client):
+            await client.adapter.suggestion_clicked(interaction, self.suggestion_id,
+                                                    self.item.label or "")
+
+
+# -- the discord.py client -----------------------------------------------------------------
+
+
+class _Client(discord.Client):
+    """discord.Client whose events go to the adapter; ``setup_hook`` runs once per login."""
+
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        super().__init__(**options)
+        self.adapter = adapter
+        self.tree = app_commands.CommandTree(self)
+
+    async def setup_hook(self) -> None:
+        await self.adapter.setup()
+
+    async def on_ready(self) -> None:
+        await self.adapter.on_ready()
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self.adapter.on_message(message)
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        await self.adapter.on_reaction(payload)
+
+
+# -- streamed replies ----------------------------------------------------------------------
+
+
+class DiscordReplyStream(ReplyStream):
+    """Typing while the model works, then one message edited at most every interval."""
+
+    __slots__ = ("_adapter", "_done", "_flusher", "_key", "_latest", "_message", "_next_at",
+                 "_released", "_shown", "_typing", "_wake")
+
+    def __init__(self, adapter: DiscordAdapter, key: str) -> None:
+        self._adapter = adapter
+        self._key = key
+        self._latest = ""
+        self._shown = ""
+        self._message: discord.Message | None = None
+        self._next_at = 0.0
+        self._typing: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._done = False
+        self._released = False
+
+    async def begin(self) -> None:
+        """Typing first; the first preview waits one interval, so quick answers are sent
+        once, complete, instead of as a fragment followed by an edit."""
+        self._adapter.busy(+1)
+        self._edited()
+        self._typing = asyncio.create_task(self._adapter.keep_typing(self._key))
+
+    async def update(self, text_so_far: str) -> None:
+        if self._done:
+            return
+        self._latest = text_so_far
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _wait_turn(self) -> None:
+        """Sleep until the next edit is allowed (or until the stream is finished)."""
+        delay = self._next_at - asyncio.get_running_loop().time()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _edited(self) -> None:
+        self._next_at = asyncio.get_running_loop().time() + self._adapter.settings.edit_interval_s
+
+    async def _flush(self) -> None:
+        while not self._done and self._latest.strip() and self._latest != self._shown:
+            await self._wait_turn()
+            if self._done:
+                return
+            text = self._latest
+            preview = escape_model_markdown(text.strip())
+            if len(preview) > MAX_MESSAGE:
+                preview = split_message(preview, MAX_MESSAGE - 1)[0] + "…"
+            try:
+                if self._message is None:
+                    self._message = await self._adapter.send(self._key, preview)
+                else:
+                    await self._message.edit(content=preview, allowed_mentions=NO_MENTIONS)
+            except Exception as exc:  # a lost preview must not lose the final reply
+                log.warning("discord: preview in %s failed: %r", self._key, exc)
+            self._shown = text
+            self._edited()
+
+    async def _stop(self) -> None:
+        self._done = True
+        self._wake.set()
+        if self._typing is not None:
+            self._typing.cancel()
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+
+    async def finish(self, reply: Reply) -> str:
+        try:
+            return await self._finish(reply)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._typing is not None and not self._released:
+            self._released = True
+            self._adapter.busy(-1)
+
+    async def _finish(self, reply: Reply) -> str:
+        await self._stop()
+        chunks = self._adapter.render(reply)
+        view = self._adapter.suggestion_view(reply)
+        sent: discord.Message | None = None
+        if self._message is not None:
+            delay = self._next_at - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            only = len(chunks) == 1
+            try:
+                sent = await self._message.edit(
+                    content=chunks[0], allowed_mentions=NO_MENTIONS,
+                    **({"view": view} if only and view is not None else {}),
+                )
+            except discord.NotFound:  # someone deleted the preview: send the reply anew
+                self._message = None
+            else:
+                self._adapter.remember_sent(sent.id, self._key)
+                chunks = chunks[1:]
+        for i, chunk in enumerate(chunks):
+            last = i == len(chunks) - 1
+            sent = await self._adapter.send(self._key, chunk, view if last else None)
+        assert sent is not None
+        return str(sent.id)
+
+    async def abort(self) -> None:
+        try:
+            await self._stop()
+            if self._message is not None:
+                with contextlib.suppress(discord.NotFound):
+                    await self._message.delete()
+        finally:
+            self._release()
+
+
+# -- the operator channel ------------------------------------------------------------------
+
+
+class DiscordOperatorChannel(OperatorChannel):
+    """Escalations as threads in ``operator_channel_id``; one thread per ticket."""
+
+    __slots__ = ("_adapter", "_by_thread", "_customer_texts", "_locks", "_states", "_threads")
+
+    def __init__(self, adapter: DiscordAdapter) -> None:
+        self._adapter = adapter
+        self._threads: dict[int, int] = {}
+        self._by_thread: dict[int, int] = {}
+        self._states: dict[int, tuple[str, str]] = {}
+        self._customer_texts: dict[int, str] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    def has_thread(self, ticket_id: int) -> bool:
+        return ticket_id in self._threads
+
+    def _remember(self, ticket_id: int, thread_id: int) -> None:
+        self._threads.setdefault(ticket_id, thread_id)
+        self._by_thread[thread_id] = ticket_id
+
+    def ticket_of_thread(self, thread: Any) -> int | None:
+        """The ticket a thread belongs to: remembered, or read from its name after a restart."""
+        known = self._by_thread.get(thread.id)
+        if known is not None:
+            return known
+        match = _TICKET_IN_NAME.match(getattr(thread, "name", None) or "")
+        if match is None:
+            return None
+        self._remember(int(match[1]), thread.id)
+        return int(match[1])
+
+    def adopt(self, threads: list[discord.Thread]) -> None:
+        """Relearn ticket threads that exist already (after a restart)."""
+        for thread in threads:
+            self.ticket_of_thread(thread)
+
+    async def _operator_room(self) -> discord.TextChannel:
+        cid = self._adapter.settings.operator_channel_id
+        client = self._adapter.client
+        channel = client.get_channel(cid) or await client.fetch_channel(cid)
+        if not isinstance(channel, discord.TextChannel):
+            raise RuntimeError(f"discord: operator_channel_id {cid} is not a text channel")
+        return channel
+
+    async def _send(self, thread_id: int, text: str) -> None:
+        for chunk in split_message(text):
+            await self._adapter.send(str(thread_id), chunk, track=False)
+
+    async def _summary(self, ticket: TicketView) -> str:
+        customer = ticket.customer.display_name or ticket.customer.platform_user_id
+        lines = [
+            f"**Ticket #{ticket.id}** · {discord.utils.escape_markdown(customer)} "
+            f"on {ticket.platform}",
+            f"**Reason:** {discord.utils.escape_markdown(ticket.reason)}",
+            f"**Sentiment (negative):** {sparkline(tuple(ticket.sentiment_trend))}",
+        ]
+        transcript = await self._adapter.transcript(ticket.conversation_id)
+        if transcript:
+            lines.append("**Recent messages:**")
+            for sender, text in transcript:
+                lines.append(f"**{sender}:**\n{quote(text, 200)}")
+        elif ticket.last_customer_text:
+            lines.append(f"**Customer wrote:**\n{quote(ticket.last_customer_text)}")
+        lines.append("Reply in this thread to answer the customer. "
+                     "`/claim`, `/resolve [note]`, `/bot` (hand back to the bot).")
+        return "\n".join(lines)
+
+    async def _thread_for(self, ticket: TicketView) -> tuple[int, bool]:
+        thread_id = self._threads.get(ticket.id)
+        if thread_id is not None:
+            return thread_id, False
+        room = await self._operator_room()
+        for thread in room.threads:
+            if self.ticket_of_thread(thread) == ticket.id:
+                return thread.id, False
+        name = f"#{ticket.id} · {ticket.customer.display_name or 'customer'} · {ticket.reason}"
+        thread = await room.create_thread(
+            name=name[:100], type=discord.ChannelType.public_thread,
+            auto_archive_duration=1440,
+        )
+        self._remember(ticket.id, thread.id)
+        return thread.id, True
+
+    def _lock(self, ticket_id: int) -> asyncio.Lock:
+        return self._locks.setdefault(ticket_id, asyncio.Lock())
+
+    async def ticket_opened(self, ticket: TicketView) -> None:
+        if self._adapter.stopped:  # the desk has no detach; a stopped adapter stays quiet
+            return
+        async with self._lock(ticket.id):
+            thread_id, created = await self._thread_for(ticket)
+            if created:
+                await self._send(thread_id, await self._summary(ticket))
+            else:
+                await self._send(thread_id, f"Ticket #{ticket.id} is still waiting for a person "
+                                            f"({ticket.state}).")
+            self._states[ticket.id] = (ticket.state, str(ticket.claimed_by or ""))
+            self._customer_texts[ticket.id] = ticket.last_customer_text
+
+    async def ticket_updated(self, ticket: TicketView) -> None:
+        if self._adapter.stopped:
+            return
+        async with self._lock(ticket.id):
+            thread_id, created = await self._thread_for(ticket)
+            if created:
+                await self._send(thread_id, await self._summary(ticket))
+            state = (ticket.state, str(ticket.claimed_by or ""))
+            previous = self._states.get(ticket.id)
+            self._states[ticket.id] = state
+            # Unknown history (after a restart): only a non-open ticket can have changed.
+            changed = previous != state if previous is not None else ticket.state != "open"
+            if changed:
+                await self._send(thread_id, self._state_line(ticket))
+                if ticket.state in ("resolved", "handed_back"):
+                    await self._archive(thread_id)
+            elif not created:
+                await self._send(thread_id, self._customer_line(ticket))
+            self._customer_texts[ticket.id] = ticket.last_customer_text
+
+    def _customer_line(self, ticket: TicketView) -> str:
+        """The customer wrote while escalated; TicketView carries only their last text."""
+        if ticket.last_customer_text and \
+                ticket.last_customer_text != self._customer_texts.get(ticket.id):
+            return f"**Customer:**\n{quote(ticket.last_customer_text)}"
+        return "**Customer** sent a message that is not text (or repeated the last one)."
+
+    @staticmethod
+    def _state_line(ticket: TicketView) -> str:
+        if ticket.state == "claimed":
+            return f"Claimed by {who(ticket.claimed_by)}."
+        if ticket.state == "resolved":
+            note = getattr(ticket, "note", "")
+            extra = f" Note: {discord.utils.escape_markdown(note)}" if note else ""
+            return f"Resolved by {who(ticket.claimed_by)}.{extra}"
+        if ticket.state == "handed_back":
+            return "Handed back to the bot."
+        return f"Ticket is {ticket.state}."
+
+    async def _archive(self, thread_id: int) -> None:
+        thread = self._adapter.client.get_channel(thread_id)
+        if isinstance(thread, discord.Thread):
+            with contextlib.suppress(discord.HTTPException):
+                await thread.edit(archived=True)
+
+
+# -- the adapter ---------------------------------------------------------------------------
+
+
+class DiscordAdapter(Adapter, CustomerChannel):
+    """The Discord platform: customer channel, operator channel, gateway connection."""
+
+    __slots__ = ("_client", "_connect", "_idle", "_inflight", "_last_inbound", "_pipeline",
+                 "_ready", "_seen", "_sent", "_started_up", "_stopping", "_suggestions",
+                 "_token", "operator_channel", "settings", "startup_runs")
+
+    platform = PLATFORM
+
+    def __init__(self, settings: DiscordSettings, token: str) -> None:
+        if not token:
+            raise ValueError(f"discord: no bot token (set the environment variable "
+                             f"{settings.token_env})")
+        self.settings = settings
+        self._token = token
+        self._client: _Client | None = None
+        self._connect: asyncio.Task[None] | None = None
+        self._pipeline: Pipeline | None = None
+        self._ready = asyncio.Event()
+        self._started_up = False
+        self.startup_runs = 0
+        self._seen = _Recent(50_000)
+        self._sent = _Recent(50_000)
+        self._last_inbound = _Recent(50_000)
+        self._suggestions = _Recent(10_000)
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self.operator_channel = DiscordOperatorChannel(self)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def client(self) -> _Client:
+        if self._client is None:
+            raise RuntimeError("discord adapter is not started")
+        return self._client
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise RuntimeError("discord adapter is not started")
+        return self._pipeline
+
+    def _configure_endpoints(self) -> None:
+        """Point discord.py at another REST base and gateway (tests, proxies): config only."""
+        if self.settings.api_base:
+            discord.http.Route.BASE = self.settings.api_base.rstrip("/")
+        if self.settings.gateway_url:
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(self.settings.gateway_url)
+
+    async def start(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        pipeline.attach(self)
+        if self.settings.operator_channel_id:
+            pipeline.operators.attach(self.operator_channel)
+        if self.settings.operator_channel_id and not self.settings.operator_role_id:
+            log.warning("discord: operator_channel_id is set but operator_role_id is 0; "
+                        "nobody will be allowed to act on tickets")
+        self._configure_endpoints()
+        intents = discord.Intents.default()
+        intents.message_content = True
+        self._client = _Client(
+            self, intents=intents, allowed_mentions=NO_MENTIONS,
+            guild_ready_timeout=self.settings.guild_ready_timeout_s,
+        )
+        try:
+            await self._client.login(self._token)
+        except discord.LoginFailure as exc:
+            await self._client.close()
+            raise RuntimeError(f"discord: login refused ({exc}); check "
+                               f"{self.settings.token_env}") from None
+        self._connect = asyncio.create_task(self._client.connect(reconnect=True),
+                                            name="discord-gateway")
+        ready = asyncio.create_task(self._ready.wait())
+        done, _ = await asyncio.wait({ready, self._connect},
+                                     timeout=self.settings.start_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            if self._connect in done:
+                error = self._connect.exception()
+                await self.stop()
+                raise RuntimeError(f"discord: gateway connection failed: {error!r}")
+            await self.stop()
+            raise RuntimeError("discord: gateway not ready within "
+                               f"{self.settings.start_timeout_s}s")
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping
+
+    def busy(self, delta: int) -> None:
+        """Count work that must finish before the HTTP session closes (replies, relays)."""
+        self._inflight += delta
+        if self._inflight:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    async def stop(self) -> None:
+        """Stop taking events; let in-flight replies and relays finish (bounded); close."""
+        self._stopping = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), STOP_GRACE_S)
+        if self._client is not None:
+            await self._client.close()
+        if self._connect is not None:
+            await asyncio.gather(self._connect, return_exceptions=True)
+
+    async def setup(self) -> None:
+        """Once per login, before the gateway connects: buttons and operator commands."""
+        self.client.add_dynamic_items(SuggestionButton)
+        if self.settings.operator_channel_id:
+            self._register_operator_commands()
+            await self.client.tree.sync()
+
+    async def on_ready(self) -> None:
+        """Fires after every fresh IDENTIFY (not after RESUME): start-up work runs once."""
+        if self._started_up:
+            log.info("discord: session re-identified; start-up work already done")
+            return
+        self._started_up = True
+        self.startup_runs += 1
+        self._ready.set()
+        log.info("discord: ready as %s", self.client.user)
+        if not self.settings.operator_channel_id:
+            return
+        room = self.client.get_channel(self.settings.operator_channel_id)
+        if isinstance(room, discord.TextChannel):
+            self.operator_channel.adopt(list(room.threads))
+        else:
+            log.warning("discord: operator channel %s is not a text channel the bot can see",
+                        self.settings.operator_channel_id)
+        try:  # tickets opened while this adapter was down get their thread now
+            for ticket in await self.pipeline.operators.open_tickets():
+                if not self.operator_channel.has_thread(ticket.id):
+                    await self.operator_channel.ticket_opened(ticket)
+        except Exception:
+            log.exception("discord: could not announce open tickets")
+
+    # -- customer side: receiving ----------------------------------------------------
+
+    def _mentions_me(self, message: discord.Message) -> bool:
+        me = self.client.user
+        return me is not None and any(u.id == me.id for u in message.mentions)
+
+    def _strip_mention(self, text: str) -> str:
+        me = self.client.user
+        if me is not None:
+            text = re.sub(rf"<@!?{me.id}>", "", text)
+        return text.strip()
+
+    def _is_operator_room(self, channel: Any) -> bool:
+        cid = self.settings.operator_channel_id
+        return bool(cid) and isinstance(channel, discord.Thread) and channel.parent_id == cid
+
+    async def _customer_key(self, message: discord.Message) -> str | None:
+        """Where the bot answers: DMs, support channels and their threads, mentions."""
+        channel = message.channel
+        support = self.settings.support_channel_ids
+        if message.guild is None:
+            return conversation_key(channel.id)
+        if isinstance(channel, discord.Thread):
+            if channel.parent_id in support:
+                return conversation_key(channel.id)
+            return conversation_key(channel.id, message.author.id) \
+                if self._mentions_me(message) else None
+        if channel.id in support:
+            if self.settings.use_threads and isinstance(channel, discord.TextChannel):
+                return await self._open_thread(message)
+            return conversation_key(channel.id, message.author.id)
+        if self._mentions_me(message):
+            return conversation_key(channel.id, message.author.id)
+        return None
+
+    async def _open_thread(self, message: discord.Message) -> str:
+        name = f"{message.author.display_name}: {self._strip_mention(message.content)}"
+        try:
+            thread = await message.create_thread(name=name[:100] or "Support",
+                                                 auto_archive_duration=1440)
+        except discord.HTTPException as exc:
+            if exc.code != 160004:  # a thread exists for this message (a replay): reuse it
+                raise
+            return conversation_key(message.id)
+        return conversation_key(thread.id)
+
+    @staticmethod
+    def _attachment_kind(message: discord.Message) -> str:
+        if message.stickers:
+            return "sticker"
+        if message.flags.voice:
+            return "voice"
+        content_type = (message.attachments[0].content_type or "") if message.attachments else ""
+        for prefix, kind in (("image/", "photo"), ("video/", "video"), ("audio/", "audio")):
+            if content_type.startswith(prefix):
+                return kind
+        return "file"
+
+    def _inbound(self, message: discord.Message, key: str) -> Inbound | None:
+        author = message.author
+        user = User(PLATFORM, str(author.id), author.display_name)
+        text = self._strip_mention(message.content)
+        base: dict[str, Any] = {
+            "platform": PLATFORM, "conversation_key": key, "user": user,
+            "platform_message_id": str(message.id), "sent_at": message.created_at,
+        }
+        if not text:
+            if message.attachments or message.stickers:
+                return Inbound(text="", kind=Kind.ATTACHMENT,
+                               payload=self._attachment_kind(message), **base)
+            return None
+        match = re.match(r"^[/!](\w+)\b\s*(.*)$", text, re.DOTALL)
+        if match and match[1].lower() in CUSTOMER_COMMANDS:
+            return Inbound(text=match[2].strip(), kind=Kind.COMMAND,
+                           payload=match[1].lower(), **base)
+        return Inbound(text=text, **base)
+
+    async def on_message(self, message: discord.Message) -> None:
+        if self._stopping or message.author.bot or not self._seen.add(("message", message.id)):
+            return
+        self.busy(+1)
+        try:
+            await self._handle_message(message)
+        finally:
+            self.busy(-1)
+
+    async def _handle_message(self, message: discord.Message) -> None:
+        if self._is_operator_room(message.channel):
+            await self._operator_message(message)
+            return
+        key = await self._customer_key(message)
+        if key is None:
+            return
+        inbound = self._inbound(message, key)
+        if inbound is None:
+            return
+        self._last_inbound.add(key, message.id)
+        if not await self.pipeline.submit(inbound):
+            log.info("discord: message %s was delivered before; ignored", message.id)
+
+    def _key_for_channel(self, channel_id: int, guild_id: int | None, user_id: int) -> str:
+        channel = self.client.get_channel(channel_id)
+        if guild_id is None or isinstance(channel, discord.Thread):
+            return conversation_key(channel_id)
+        return conversation_key(channel_id, user_id)
+
+    async def on_reaction(self, payload: discord.RawReactionActionEvent) -> None:
+        me = self.client.user
+        if self._stopping or me is None or payload.user_id == me.id:
+            return
+        owner = self._sent.get(payload.message_id)
+        if owner is None and payload.message_author_id != me.id:
+            return
+        key = owner or self._key_for_channel(payload.channel_id, payload.guild_id,
+                                             payload.user_id)
+        member = payload.member or self.client.get_user(payload.user_id)
+        name = member.display_name if member is not None else ""
+        emoji = str(payload.emoji)
+        await self.pipeline.submit(Inbound(
+            platform=PLATFORM, conversation_key=key,
+            user=User(PLATFORM, str(payload.user_id), name),
+            platform_message_id=f"reaction:{payload.message_id}:{payload.user_id}:{emoji}",
+            text=str(payload.message_id), kind=Kind.REACTION, payload=emoji,
+        ))
+
+    async def suggestion_clicked(self, interaction: discord.Interaction, suggestion_id: str,
+                                 label: str) -> None:
+        """Acknowledge at once (Discord allows 3 s), then log the click."""
+        known = self._suggestions.get(suggestion_id)
+        title = known[0] if known else label or suggestion_id
+        url = known[1] if known else ""
+        text = f"**{discord.utils.escape_markdown(title)}**" + (f"\n<{url}>" if url else "")
+        await interaction.response.send_message(text, ephemeral=True,
+                                                allowed_mentions=NO_MENTIONS)
+        user = interaction.user
+        channel_id = interaction.channel_id or 0
+        key = self._key_for_channel(channel_id, interaction.guild_id, user.id)
+        await self.pipeline.submit(Inbound(
+            platform=PLATFORM, conversation_key=key,
+            user=User(PLATFORM, str(user.id), user.display_name),
+            platform_message_id=f"interaction:{interaction.id}", text=title,
+            kind=Kind.SUGGESTION_CLICK, payload=suggestion_id,
+        ))
+
+    # -- customer side: sending ------------------------------------------------------
+
+    def render(self, reply: Reply) -> list[str]:
+        text = escape_model_markdown(reply.text.strip())
+        if reply.citations:
+            sources = ", ".join(
+                f"[{discord.utils.escape_markdown(c.title)}](<{c.url}>)" if c.url
+                else discord.utils.escape_markdown(c.title) for c in reply.citations
+            )
+            text += f"\n-# Sources: {sources}"
+        return split_message(text) or ["…"]
+
+    def suggestion_view(self, reply: Reply) -> discord.ui.View | None:
+        items = [s for s in reply.suggestions
+                 if 0 < len(s.id) <= 94 and "\n" not in s.id][:25]
+        if not items:
+            return None
+        view = discord.ui.View(timeout=None)
+        for s in items:
+            self._suggestions.add(s.id, (s.title, s.url))
+            view.add_item(SuggestionButton(s.id, s.title))
+        return view
+
+    def remember_sent(self, message_id: int, key: str) -> None:
+        self._sent.add(message_id, key)
+
+    async def send(self, key: str, text: str, view: discord.ui.View | None = None, *,
+                   track: bool = True) -> discord.Message:
+        """One message into a conversation; in a shared channel it replies to the customer."""
+        channel = self.client.get_partial_messageable(channel_of(key))
+        options: dict[str, Any] = {"allowed_mentions": NO_MENTIONS}
+        if view is not None:
+            options["view"] = view
+        if ":" in key:
+            last = self._last_inbound.get(key)
+            if last is not None:
+                options["reference"] = discord.MessageReference(
+                    message_id=last, channel_id=channel.id, fail_if_not_exists=False)
+                options["mention_author"] = False
+        message = await channel.send(text, **options)
+        if track:
+            self.remember_sent(message.id, key)
+        return message
+
+    async def keep_typing(self, key: str) -> None:
+        """Discord shows typing for ~10 s per request; repeat until cancelled."""
+        channel = self.client.get_partial_messageable(channel_of(key))
+        while True:
+            try:
+                await channel.typing()
+            except Exception as exc:  # typing is cosmetic; never let it break a reply
+                log.debug("discord: typing in %s failed: %r", key, exc)
+            await asyncio.sleep(self.settings.typing_interval_s)
+
+    def open_reply(self, conversation_key: str) -> ReplyStream:
+        return DiscordReplyStream(self, conversation_key)
+
+    async def deliver(self, conversation_key: str, reply: Reply) -> str:
+        chunks = self.render(reply)
+        view = self.suggestion_view(reply)
+        message: discord.Message | None = None
+        self.busy(+1)
+        try:
+            for i, chunk in enumerate(chunks):
+                last = i == len(chunks) - 1
+                message = await self.send(conversation_key, chunk, view if last else None)
+        finally:
+            self.busy(-1)
+        assert message is not None
+        return str(message.id)
+
+    async def transcript(self, conversation_id: int, limit: int = 6) -> list[tuple[str, str]]:
+        """The last lines of a conversation for the operator's summary."""
+        try:
+            lines = await self.pipeline.store.transcript(conversation_id, limit)
+        except Exception:
+            log.exception("discord: transcript of conversation %s unavailable", conversation_id)
+            return []
+        names = {"in": "Customer", Sender.BOT.value: "Bot", Sender.OPERATOR.value: "Operator",
+                 Sender.SYSTEM.value: "Notice"}
+        return [(names["in"] if line.direction == "in" else names.get(line.sender, line.sender),
+                 line.text or "") for line in lines if line.text]
+
+    # -- operator side ---------------------------------------------------------------
+
+    def _is_operator(self, member: Any) -> bool:
+        role = self.settings.operator_role_id
+        return bool(role) and isinstance(member, discord.Member) and \
+            member.get_role(role) is not None
+
+    @staticmethod
+    def _operator(member: discord.abc.User) -> Operator:
+        return Operator(PLATFORM, str(member.id), member.display_name)
+
+    async def _operator_message(self, message: discord.Message) -> None:
+        thread = message.channel
+        ticket_id = self.operator_channel.ticket_of_thread(thread)
+        if ticket_id is None:
+            return
+        if not self._is_operator(message.author):
+            await message.reply(OPERATOR_REFUSAL, allowed_mentions=NO_MENTIONS,
+                                mention_author=False)
+            return
+        text = message.clean_content.strip()  # mentions as names: customers see no <@ids>
+        match = re.match(r"^[/!](claim|resolve|bot)\b\s*(.*)$", text, re.DOTALL)
+        operator = self._operator(message.author)
+        if match:
+            outcome = await self._operator_action(ticket_id, operator, match[1], match[2])
+            if outcome is not None:
+                await message.reply(outcome, allowed_mentions=NO_MENTIONS, mention_author=False)
+            return
+        if not text:
+            await message.reply("Only text is relayed to the customer.",
+                                allowed_mentions=NO_MENTIONS, mention_author=False)
+            return
+        outcome = await self._desk_call(lambda: self.pipeline.operators.reply(
+            ticket_id, operator, text))
+        if outcome is None:
+            with contextlib.suppress(discord.HTTPException):
+                await message.add_reaction("✅")
+        else:
+            await message.reply(outcome, allowed_mentions=NO_MENTIONS, mention_author=False)
+
+    async def _desk_call(self, call: Callable[[], Awaitable[Any]]) -> str | None:
+        """Run a desk action; its refusal (OperatorError) becomes the operator's answer."""
+        try:
+            await call()
+        except OperatorError as exc:
+            return f"Could not do that: {exc}"
+        return None
+
+    async def _operator_action(self, ticket_id: int, operator: Operator, action: str,
+                               argument: str) -> str | None:
+        desk = self.pipeline.operators
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "claim": lambda: desk.claim(ticket_id, operator),
+            "resolve": lambda: desk.resolve(ticket_id, operator, argument.strip()),
+            "bot": lambda: desk.hand_back(ticket_id, operator),
+        }
+        return await self._desk_call(calls[action])
+
+    def _register_operator_commands(self) -> None:
+        tree = self.client.tree
+
+        async def run(interaction: discord.Interaction, action: str, argument: str = "") -> None:
+            channel = interaction.channel
+            ticket_id = (self.operator_channel.ticket_of_thread(channel)
+                         if self._is_operator_room(channel) else None)
+            if ticket_id is None:
+                await interaction.response.send_message(
+                    "Use this command inside a ticket thread.", ephemeral=True)
+                return
+            if not self._is_operator(interaction.user):
+                await interaction.response.send_message(OPERATOR_REFUSAL, ephemeral=True)
+                return
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            outcome = await self._operator_action(
+                ticket_id, self._operator(interaction.user), action, argument)
+            await interaction.followup.send(outcome or "Done.", ephemeral=True,
+                                            allowed_mentions=NO_MENTIONS)
+
+        async def claim(interaction: discord.Interaction) -> None:
+            await run(interaction, "claim")
+
+        async def resolve(interaction: discord.Interaction, note: str = "") -> None:
+            await run(interaction, "resolve", note)
+
+        async def bot(interaction: discord.Interaction) -> None:
+            await run(interaction, "bot")
+
+        tree.add_command(app_commands.Command(
+            name="claim", description="Take this ticket", callback=claim))
+        tree.add_command(app_commands.Command(
+            name="resolve", description="Close this ticket", callback=resolve))
+        tree.add_command(app_commands.Command(
+            name="bot", description="Hand the conversation back to the bot", callback=bot))
