@@ -73,7 +73,7 @@ async def test_invalid_utf8_text_frame_closes_only_that_socket(web_service) -> N
         await raw.receive_json(timeout=10)
         # A TEXT frame whose payload is not UTF-8 violates RFC 6455: the server closes it
         # with 1007 and carries on serving everyone else.
-        await raw._writer.send_frame(b"\xc3\x28", aiohttp.WSMsgType.TEXT)  # noqa: SLF001
+        await raw._writer.send_frame(b"\xc3\x28", aiohttp.WSMsgType.TEXT)
         msg = await raw.receive(timeout=10)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         customer = await Customer.connect(http, base, "bad-input-after-utf8")

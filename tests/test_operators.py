@@ -74,7 +74,7 @@ async def _last_text(http, base, tid, needle):
 async def test_unclaimed_ticket_is_reannounced(web_service) -> None:
     base = f"http://127.0.0.1:{web_service.adapters[0].port}"
     async with aiohttp.ClientSession() as http:
-        customer, ticket = await _escalated(http, base, "operators-timeout")
+        customer, _ = await _escalated(http, base, "operators-timeout")
         assert await web_service.pipeline.operators.reannounce_overdue(0.0) >= 1
         notice = await customer.until("message", sender="system")
         assert "Thanks for waiting" in notice["text"]
