@@ -119,7 +119,7 @@ class EncoderHeadClassifier(_Batched):
 class FineTunedClassifier(_Batched):
     """A sequence-classification folder written by ``supportbot finetune sentiment``."""
 
-    __slots__ = ("_model", "_order", "_path", "_tokenizer")
+    __slots__ = ("_max_length", "_model", "_order", "_path", "_tokenizer")
 
     def __init__(self, path: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
         super().__init__(max_batch, max_wait_ms)
@@ -127,6 +127,7 @@ class FineTunedClassifier(_Batched):
         self._model: Any = None
         self._tokenizer: Any = None
         self._order: list[int] = []
+        self._max_length = 128
 
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -135,6 +136,7 @@ class FineTunedClassifier(_Batched):
             raise FileNotFoundError(f"sentiment model folder {self._path} has no config.json")
         self._tokenizer = AutoTokenizer.from_pretrained(self._path)
         self._model = AutoModelForSequenceClassification.from_pretrained(self._path).eval()
+        self._max_length = int(getattr(self._model.config, "max_seq_length", 128))
         id2label = {int(k): v.lower() for k, v in self._model.config.id2label.items()}
         by_name = {name: idx for idx, name in id2label.items()}
         try:
@@ -149,7 +151,8 @@ class FineTunedClassifier(_Batched):
         import torch
 
         batch = self._tokenizer(
-            list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt"
+            list(texts), padding=True, truncation=True, max_length=self._max_length,
+            return_tensors="pt",
         )
         with torch.inference_mode():
             probs = torch.softmax(self._model(**batch).logits, dim=-1)[:, self._order].tolist()
