@@ -136,13 +136,15 @@ class Service:
         return self.pipeline
 
     async def stop(self) -> None:
+        """In-flight replies finish first (new events are still committed, and answered
+        after the next start); then the platforms disconnect."""
+        if self.pipeline is not None:
+            await self.pipeline.close(self.settings.service.shutdown_grace_s)
         for adapter in self.adapters:
             try:
                 await adapter.stop()
             except Exception:
                 log.exception("stopping %s failed", adapter.platform)
-        if self.pipeline is not None:
-            await self.pipeline.close(self.settings.service.shutdown_grace_s)
         if self.generator is not None:
             await self.generator.close()
         close = getattr(self.recommender, "close", None)
