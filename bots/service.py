@@ -28,7 +28,11 @@ async def build_generator(settings: Settings) -> Generator:
             from core.generation.vllm import VLLMGenerator
         except ImportError:
             raise ConfigError("generator.backend: the vllm backend is not available") from None
-        return VLLMGenerator(g, api_key=settings.secret(g.api_key_env))  # type: ignore[no-any-return]
+        return VLLMGenerator(
+            g, api_key=settings.secret(g.api_key_env),
+            tokenizer_dir=Path(g.tokenizer) if g.tokenizer else None,
+            failure_threshold=g.breaker_failures, probe_interval_s=g.breaker_probe_s,
+        )
     from core.generation.embedded import TransformersGenerator
 
     model_dir = await asyncio.to_thread(ensure_hf_model, g.model, Path(settings.service.data_dir))

@@ -61,6 +61,11 @@ class GeneratorSettings:
     first_token_timeout_s: float = Field(default=30.0, gt=0)
     retries: int = Field(default=3, ge=0)
     start_degraded: bool = False
+    tokenizer: str = ""
+    """vLLM backend: a local folder with the served model's tokenizer.json for exact
+    prompt budgeting; empty uses an estimate."""
+    breaker_failures: int = Field(default=5, gt=0)
+    breaker_probe_s: float = Field(default=2.0, gt=0)
 
 
 @dataclass(frozen=True, config=_STRICT)

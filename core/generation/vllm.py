@@ -49,7 +49,6 @@ from core.generation.circuit import BreakerState, CircuitBreaker, CircuitOpen
 
 log = logging.getLogger(__name__)
 
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _ESTIMATE_PIECES = re.compile(r"\w+|[^\w\s]|\n")
 _ESTIMATE_BYTES_PER_EXTRA_TOKEN = 8
 
@@ -257,8 +256,8 @@ class VLLMGenerator:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise VLLMStartupError(
                 f"generator.base_url: no OpenAI-compatible server answers at {self._root} "
-                f"({type(exc).__name__}: {exc or 'timed out'}); start one (supportbot "
-                "serve-model) or set generator.start_degraded = true"
+                f"({type(exc).__name__}: {exc or 'timed out'}); start the model server or set "
+                "generator.start_degraded = true"
             ) from None
         if self._settings.model not in served:
             listed = ", ".join(repr(m) for m in served) or "none"
@@ -347,10 +346,8 @@ class VLLMGenerator:
         finally:
             resp.close()
         problem = f"{self._root} answered {resp.status}: {message}"
-        if resp.status in _RETRY_STATUSES:
+        if resp.status == 429 or resp.status >= 500:
             raise _Retryable(problem, _retry_after(resp.headers.get("Retry-After")))
-        if resp.status >= 500:
-            raise GenerationError(problem)
         raise _ServerReachable(problem)
 
     async def _with_retries(self, attempt_once: Any, deadline: float) -> Any:
