@@ -41,10 +41,12 @@ async def test_control_characters_are_dropped(web_service) -> None:
     base = f"http://127.0.0.1:{web_service.adapters[0].port}"
     async with aiohttp.ClientSession() as http:
         customer = await Customer.connect(http, base, "bad-input-control")
-        await customer.say("\x00\x07\x1b[31m\u202e\x7f")
-        # Only escape-sequence letters survive ("[31m"), so this is answered, not crashed.
+        await customer.say("\x00How do I\x07 return\u202e an item?\x7f\x1b")
         frame = await customer.until("reply")
         assert frame["text"].strip()
+        rows = await web_service.store.query(
+            "SELECT text FROM messages WHERE direction = 'in' ORDER BY id LIMIT 1")
+        assert rows[0]["text"].startswith("\x00How do I"), "the original is logged whole"
         await customer.say("\x00\x01\x02\u200b")
         notice = await customer.until("message", sender="system")
         assert "empty" in notice["text"]
