@@ -69,6 +69,8 @@ async def test_customer_operator_round_trip(web_service) -> None:
         assert len(deltas) >= 2, "tokens should arrive as they are generated"
         assert deltas[-1]["text"].strip() and frames[-1]["text"].strip()
         assert frames[-1]["sender"] == "bot"
+        assert frames[-1]["citations"], "a grounded answer names its help articles"
+        assert all(c["url"].startswith("https://") for c in frames[-1]["citations"])
 
         async def answered() -> list[dict]:
             rows = await store.query(
