@@ -38,9 +38,11 @@
     for (const item of items) {
       const a = document.createElement("a");
       a.textContent = item.title;
-      a.href = item.url || "#";
-      a.target = "_blank";
-      a.rel = "noopener noreferrer";
+      if (/^(https?:\/\/|\/(?!\/))/i.test(item.url || "")) {
+        a.href = item.url;
+        a.target = "_blank";
+        a.rel = "noopener noreferrer";
+      }
       a.dataset.id = item.id;
       if (onClick) a.addEventListener("click", () => onClick(item));
       box.appendChild(a);
@@ -58,7 +60,10 @@
   function onFrame(f) {
     if (f.type === "hello") {
       if (!log.childElementCount) {
-        for (const line of f.transcript) bubble(line.direction === "in" ? "customer" : line.sender, line.text);
+        // Commands and clicks are stored with empty text; they are not part of the chat.
+        for (const line of f.transcript) {
+          if (line.text) bubble(line.direction === "in" ? "customer" : line.sender, line.text);
+        }
       }
       for (const frame of pending.values()) ws.send(JSON.stringify(frame));
     } else if (f.type === "ack") {

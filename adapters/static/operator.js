@@ -50,6 +50,7 @@
     const box = $("transcript");
     box.replaceChildren();
     for (const line of data.transcript) {
+      if (!line.text) continue;  // a command or a click: shown by the ticket's reason
       const row = document.createElement("div");
       row.className = "line " + (line.direction === "in" ? "customer" : line.sender);
       const who = document.createElement("span");
