@@ -1,0 +1,234 @@
+"""`supportbot export events`: the behavior log as CSV or Parquet, for analysis.
+
+The events table is read on a read-only connection, so the service can keep running.
+Customers appear only by the store's internal user id (never their platform id). With
+``--ctr`` the click-through rate of suggestions is printed per recommender arm and per
+article: a click counts for the suggestion lists that showed that article in the same
+conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sqlite3
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("csv", "parquet")
+COLUMNS = (
+    "id", "ts", "type", "platform", "user_id", "conversation_id", "message_id", "item_id",
+    "position", "value", "data",
+)
+BATCH = 5000
+
+
+class ExportError(Exception):
+    """The export cannot run; the message names the file or the option."""
+
+
+def parse_since(text: str) -> str:
+    """An ISO date or date-time (UTC unless it has a zone) in the store's timestamp form."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ExportError(
+            f"--since '{text}' is not an ISO date or date-time (e.g. 2024-05-01 or "
+            "2024-05-01T12:00:00+02:00)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise ExportError(f"{path}: database not found (pass --db PATH/supportbot.db)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+        ).fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise ExportError(f"{path}: not a supportbot database ({exc})") from None
+    if not found:
+        conn.close()
+        raise ExportError(f"{path}: has no events table (not a supportbot database)")
+    return conn
+
+
+def _where(since: str | None, types: Sequence[str]) -> tuple[str, list[Any]]:
+    clauses, params = [], []
+    if since:
+        clauses.append("e.ts >= ?")
+        params.append(since)
+    if types:
+        clauses.append(f"e.type IN ({','.join('?' for _ in types)})")
+        params.extend(types)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def read_events(
+    conn: sqlite3.Connection, since: str | None = None, types: Sequence[str] = ()
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Batches of event rows in :data:`COLUMNS` order, oldest first."""
+    where, params = _where(since, types)
+    cursor = conn.execute(
+        "SELECT e.id, e.ts, e.type, u.platform, e.user_id, e.conversation_id, e.message_id, "
+        "e.item_id, e.position, e.value, e.data FROM events e "
+        f"LEFT JOIN users u ON u.id = e.user_id{where} ORDER BY e.id",
+        params,
+    )
+    while rows := cursor.fetchmany(BATCH):
+        yield rows
+
+
+def write_csv(batches: Iterator[list[tuple[Any, ...]]], out: Path) -> int:
+    count = 0
+    with out.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        for rows in batches:
+            writer.writerows(["" if v is None else v for v in row] for row in rows)
+            count += len(rows)
+    return count
+
+
+def write_parquet(batches: Iterator[list[tuple[Any, ...]]], out: Path) -> int:
+    """Parquet with ``ts`` as a UTC timestamp and ``data`` as its JSON text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("id", pa.int64()), ("ts", pa.timestamp("ms", tz="UTC")), ("type", pa.string()),
+        ("platform", pa.string()), ("user_id", pa.int64()), ("conversation_id", pa.int64()),
+        ("message_id", pa.int64()), ("item_id", pa.string()), ("position", pa.int64()),
+        ("value", pa.string()), ("data", pa.string()),
+    ])
+    count = 0
+    with pq.ParquetWriter(out, schema) as writer:
+        for rows in batches:
+            columns = list(zip(*rows, strict=True))
+            arrays = [
+                pa.array(
+                    [datetime.fromisoformat(t) for t in values] if name == "ts" else values,
+                    type=schema.field(name).type,
+                )
+                for name, values in zip(COLUMNS, columns, strict=True)
+            ]
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+            count += len(rows)
+    return count
+
+
+@dataclass(frozen=True, slots=True)
+class ClickThrough:
+    arm: str
+    item_id: str
+    shows: int
+    clicks: int
+
+    @property
+    def rate(self) -> float:
+        return self.clicks / self.shows if self.shows else 0.0
+
+
+def click_through(conn: sqlite3.Connection, since: str | None = None) -> list[ClickThrough]:
+    """Shows and clicks per (arm, article); the arm comes from ``suggestion_shown`` data."""
+    stamp = "AND ts >= ?" if since else ""
+    params = [since, since] if since else []
+    rows = conn.execute(
+        "WITH shown AS (SELECT conversation_id, item_id, "
+        "COALESCE(json_extract(data, '$.arm'), '') AS arm, COUNT(*) AS shows FROM events "
+        f"WHERE type = 'suggestion_shown' AND item_id IS NOT NULL {stamp} GROUP BY 1, 2, 3), "
+        "clicked AS (SELECT DISTINCT conversation_id, item_id FROM events "
+        f"WHERE type = 'suggestion_clicked' {stamp}) "
+        "SELECT s.arm, s.item_id, SUM(s.shows), SUM(c.item_id IS NOT NULL) FROM shown s "
+        "LEFT JOIN clicked c ON c.conversation_id IS s.conversation_id "
+        "AND c.item_id = s.item_id GROUP BY s.arm, s.item_id ORDER BY s.arm, s.item_id",
+        params,
+    ).fetchall()
+    return [ClickThrough(arm or "(unknown)", item, int(n), int(k)) for arm, item, n, k in rows]
+
+
+def format_click_through(rows: Sequence[ClickThrough]) -> str:
+    def table(title: str, groups: dict[str, tuple[int, int]]) -> list[str]:
+        lines = [f"{title:<28}{'shown':>8}{'clicked':>9}{'CTR':>8}"]
+        for key, (shows, clicks) in sorted(groups.items()):
+            lines.append(f"{key:<28}{shows:>8}{clicks:>9}{clicks / shows:>8.1%}")
+        return lines
+
+    by_arm: dict[str, tuple[int, int]] = {}
+    by_item: dict[str, tuple[int, int]] = {}
+    for r in rows:
+        for groups, key in ((by_arm, r.arm), (by_item, r.item_id)):
+            shows, clicks = groups.get(key, (0, 0))
+            groups[key] = (shows + r.shows, clicks + r.clicks)
+    if not rows:
+        return "no suggestions were shown in this period"
+    return "\n".join([*table("arm", by_arm), "", *table("article", by_item)])
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default="data/supportbot.db", help="the service's database")
+    parser.add_argument("--out", required=True, help="file to write (.csv or .parquet)")
+    parser.add_argument(
+        "--format", choices=FORMATS, default=None,
+        help="csv or parquet (default: from the --out suffix, else csv)",
+    )
+    parser.add_argument("--since", default=None, help="only events at or after this ISO time")
+    parser.add_argument(
+        "--type", action="append", default=[], dest="types",
+        help="only this event type (repeatable), e.g. suggestion_clicked",
+    )
+    parser.add_argument(
+        "--ctr", action="store_true",
+        help="also print click-through rates per recommender arm and per article",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    fmt = args.format or ("parquet" if out.suffix.lower() == ".parquet" else "csv")
+    try:
+        since = parse_since(args.since) if args.since else None
+        if not out.parent.is_dir():
+            raise ExportError(f"{out.parent}: output folder not found")
+        conn = open_database(Path(args.db))
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        batches = read_events(conn, since, args.types)
+        count = (write_parquet if fmt == "parquet" else write_csv)(batches, partial)
+        os.replace(partial, out)
+        summary = click_through(conn, since) if args.ctr else None
+    finally:
+        partial.unlink(missing_ok=True)
+        conn.close()
+    scope = f" since {since}" if since else ""
+    kinds = f" of type {', '.join(args.types)}" if args.types else ""
+    print(f"wrote {count} events{kinds}{scope} to {out} ({fmt})")
+    if summary is not None:
+        print(format_click_through(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="supportbot export events", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
