@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import shutil
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -389,8 +390,18 @@ def test_metrics_match_a_hand_computed_example() -> None:
     assert ndcg == pytest.approx((1 / np.log2(3)) / 2)
 
 
-def test_msweb_split_holds_out_one_visit_of_every_user_with_two() -> None:
-    split = eval_recommender.load_msweb(FIXTURES / "msweb", seed=0)
+@pytest.fixture
+def msweb_dir(tmp_path: Path) -> Path:
+    """The hand-written msweb-format fixture, under the file names the loader expects."""
+    folder = tmp_path / "msweb-fixture"
+    folder.mkdir()
+    shutil.copy(FIXTURES / "msweb" / "items.csv", folder / "items.csv")
+    shutil.copy(FIXTURES / "msweb" / "visits_fixture.csv", folder / "train_interactions.csv")
+    return folder
+
+
+def test_msweb_split_holds_out_one_visit_of_every_user_with_two(msweb_dir: Path) -> None:
+    split = eval_recommender.load_msweb(msweb_dir, seed=0)
     users_with_two = 17  # u10 has a single visit
     assert len(split.test_rows) == users_with_two
     assert all(len(t) == 1 for t in split.test_items)
@@ -401,7 +412,8 @@ def test_msweb_split_holds_out_one_visit_of_every_user_with_two() -> None:
 
 
 def test_movielens_split_holds_out_each_users_latest_positives() -> None:
-    split = eval_recommender.load_movielens(FIXTURES / "movielens" / "ratings.csv", 4.0, 0.2)
+    ratings = FIXTURES / "movielens" / "ratings_fixture.csv"
+    split = eval_recommender.load_movielens(ratings, 4.0, 0.2)
     items = split.train.items
     held = {
         split.train.users[row]: sorted(items[c] for c in cols)
@@ -412,8 +424,10 @@ def test_movielens_split_holds_out_each_users_latest_positives() -> None:
     assert "10" in items  # a rated item without positives still has a column
 
 
-def test_eval_prints_the_table_for_every_model(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--data", str(FIXTURES / "msweb"), "--seed", "0", "--k", "3"]
+def test_eval_prints_the_table_for_every_model(
+    capsys: pytest.CaptureFixture[str], msweb_dir: Path
+) -> None:
+    argv = ["--data", str(msweb_dir), "--seed", "0", "--k", "3"]
     assert eval_recommender.main(argv) == 0
     out = capsys.readouterr().out
     assert "17 test users, 10 items" in out
@@ -431,7 +445,7 @@ def test_eval_prints_the_table_for_every_model(capsys: pytest.CaptureFixture[str
 
 
 def test_eval_on_movielens_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    data = FIXTURES / "movielens" / "ratings.csv"
+    data = FIXTURES / "movielens" / "ratings_fixture.csv"
     assert cli.main(["eval", "recommender", "--dataset", "movielens", "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "latest 20% of each user's ratings >= 4 held out" in out
