@@ -178,7 +178,8 @@ async def build_models(settings: Settings, generator: str, sentiment: str,
         classifier: Any = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
     else:
         classifier = NeutralClassifier()
-    await asyncio.gather(gen.start(), classifier.start())
+    await gen.start()
+    await classifier.start()
     return gen, classifier
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 from rank_bm25 import BM25Okapi
 
+from core.generation.model_files import LOAD_LOCK
 from core.knowledge import Article, KnowledgeBase, fingerprint, load_knowledge
 from core.messages import Citation
 
@@ -101,7 +102,8 @@ class MiniLMEncoder:
     def __init__(self, path: str | None = None) -> None:
         from sentence_transformers import SentenceTransformer
 
-        self._model = SentenceTransformer(path or minilm_path(), device="cpu")
+        with LOAD_LOCK:
+            self._model = SentenceTransformer(path or minilm_path(), device="cpu")
         self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> NDArray[np.float32]:

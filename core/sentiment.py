@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from core.batching import MicroBatcher
-from core.generation.model_files import encoder_dir
+from core.generation.model_files import LOAD_LOCK, encoder_dir
 from core.social_text import normalize
 from core.store import Scores
 
@@ -102,7 +102,8 @@ class EncoderHeadClassifier(_Batched):
             raise FileNotFoundError(f"sentiment head {self._head_path} not found")
         tensors = load_file(str(self._head_path))
         self._weight, self._bias = tensors["weight"], tensors["bias"]
-        self._encoder = SentenceTransformer(str(encoder_dir(self._encoder_spec)), device="cpu")
+        with LOAD_LOCK:
+            self._encoder = SentenceTransformer(str(encoder_dir(self._encoder_spec)), device="cpu")
 
     def _predict(self, texts: Sequence[str]) -> list[Scores]:
         import torch
@@ -134,8 +135,9 @@ class FineTunedClassifier(_Batched):
 
         if not (self._path / "config.json").is_file():
             raise FileNotFoundError(f"sentiment model folder {self._path} has no config.json")
-        self._tokenizer = AutoTokenizer.from_pretrained(self._path)
-        self._model = AutoModelForSequenceClassification.from_pretrained(self._path).eval()
+        with LOAD_LOCK:
+            self._tokenizer = AutoTokenizer.from_pretrained(self._path)
+            self._model = AutoModelForSequenceClassification.from_pretrained(self._path).eval()
         self._max_length = int(getattr(self._model.config, "max_seq_length", 128))
         id2label = {int(k): v.lower() for k, v in self._model.config.id2label.items()}
         by_name = {name: idx for idx, name in id2label.items()}

@@ -323,7 +323,9 @@ async def models(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tupl
     s = settings.sentiment
     classifier = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
     generator = await build_generator(settings)
-    await asyncio.gather(generator.start(), classifier.start())
+    # One model load at a time: transformers' meta-device loading is not thread-safe.
+    await generator.start()
+    await classifier.start()
     yield generator, classifier
     await generator.close()
     await classifier.close()

