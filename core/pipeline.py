@@ -10,6 +10,7 @@ the messages of one conversation are handled strictly in order.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -30,7 +31,7 @@ from core.grounding import NO_ANSWER_TEXT, Grounder, StreamingPlaceholderFilter
 from core.messages import Citation, Inbound, Kind, Reply, Sender, Suggestion, User
 from core.operators import Operator, OperatorDesk
 from core.prompt import build_chat
-from core.recommender import NoSuggestions, Recommender, SuggestionRequest
+from core.recommender import NoSuggestions, Recommender, SuggestionRequest, arm_of
 from core.sentiment import Classifier
 from core.store import SQLiteStore, StoredInbound
 from core.text import clean_text, truncate
@@ -396,7 +397,7 @@ class Pipeline:
             await self.store.log_events([
                 {"type": "suggestion_shown", "user_id": stored.user_id,
                  "conversation_id": stored.conversation_id, "message_id": out_id,
-                 "item_id": s.id, "position": i}
+                 "item_id": s.id, "position": i, "data": json.dumps({"arm": arm_of(s)})}
                 for i, s in enumerate(suggestions)
             ])
         return "answered"
