@@ -26,8 +26,13 @@ OFFLINE_TOOLS: dict[str, dict[str, str]] = {
         "recommender": "finetune.eval_recommender",
         "generator": "finetune.eval_generator",
     },
-    "export": {"events": "finetune.export_events"},
+    "export": {
+        "events": "finetune.export_events",
+        "conversations": "finetune.export_conversations",
+    },
 }
+# top-level commands implemented the same way
+TOP_LEVEL_TOOLS: dict[str, str] = {"report": "bots.report"}
 
 
 def _settings(path: str) -> Settings:
@@ -89,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=text)
         p.add_argument("--config", default="config.toml", help="path of config.toml")
         p.set_defaults(handler=fn)
+    for name, module_name in TOP_LEVEL_TOOLS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        p = commands.add_parser(name, help=(module.__doc__ or "").strip().split("\n")[0])
+        module.configure(p)
+        p.set_defaults(handler=module.run)
     for group, tools in OFFLINE_TOOLS.items():
         g = commands.add_parser(group, help=f"offline tools: {', '.join(tools)}")
         sub = g.add_subparsers(dest="tool", required=True)

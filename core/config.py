@@ -29,6 +29,10 @@ class ServiceSettings:
     log_level: str = "INFO"
     max_message_chars: int = Field(default=4000, gt=0)
     shutdown_grace_s: float = Field(default=20.0, ge=0)
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object a line, with the conversation id when there is one."""
+    redact_logs: bool = True
+    """Emails, phone and card numbers in log lines are replaced by placeholders."""
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -231,6 +235,16 @@ class DiscordSettings:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class ReportSettings:
+    enabled: bool = False
+    """Post the sentiment report into every operator channel on a schedule."""
+    every_s: float = Field(default=86400.0, gt=0)
+    period_s: float = Field(default=86400.0, gt=0)
+    """Each report covers this long a period, compared with the one before it."""
+    out_dir: str = "data/reports"
+
+
+@dataclass(frozen=True, config=_STRICT)
 class Settings:
     service: ServiceSettings = Field(default_factory=ServiceSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
@@ -243,6 +257,7 @@ class Settings:
     web: WebSettings = Field(default_factory=WebSettings)
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
 
     def secret(self, env_name: str) -> str | None:
         """Secrets come only from the environment."""
