@@ -72,6 +72,14 @@ class OperatorChannel(ABC):
     async def ticket_updated(self, ticket: TicketView) -> None:
         """Claimed, resolved, handed back, or a new customer message while escalated."""
 
+    async def post_report(self, summary: str, chart_png: bytes) -> None:
+        """Post the periodic sentiment report: a text summary and a PNG chart.
+
+        Channels that cannot show a picture may post the summary alone; the default
+        refuses, so a channel that forgot to implement it is noticed in tests.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot post reports")
+
 
 class Adapter(ABC):
     """A platform connection: started with the pipeline, stopped on shutdown.
