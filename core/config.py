@@ -103,6 +103,8 @@ class SentimentSettings:
     """Path of a linear head (.safetensors); empty means the committed default head."""
     model: str = ""
     """A fine-tuned sequence-classification folder; when set it replaces encoder + head."""
+    quantize: Literal["none", "int8"] = "none"
+    """``int8``: dynamic int8 linear layers on the CPU (see ``bench/sentiment.py``)."""
     max_batch: int = Field(default=32, gt=0)
     max_wait_ms: float = Field(default=5.0, ge=0)
 
