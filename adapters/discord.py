@@ -8,9 +8,16 @@ Built on discord.py 2.x, which keeps its own rate-limit buckets, retries 429s af
   2,000 characters on word boundaries, and broken model markdown is repaired or escaped;
 * suggestion buttons use ``DynamicItem`` custom ids (``sb:sg:<id>``), so presses on old
   messages still work after a restart;
+* a 503, which discord.py raises at once, is retried (it retries 429 and 500/502/504
+  itself); a send that still fails is raised to the pipeline (the message is marked failed)
+  or reported to the operator who wrote it, never dropped silently;
 * a replayed or redelivered MESSAGE_CREATE is processed once (the message snowflake is the
   ``platform_message_id`` the pipeline deduplicates on, plus an in-memory guard for the
   operator side), and ``on_ready`` firing again after a reconnect repeats no start-up work.
+
+The periodic report is a message in the operator channel with the chart attached
+(multipart ``payload_json`` + ``files[0]``), continued in further messages past 2,000
+characters.
 
 Conversation keys: a DM or support-thread id as is (``"123"``); a shared guild channel is
 per user (``"<channel id>:<user id>"``) so two customers there never share a conversation.
@@ -20,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import discord
 import yarl
@@ -49,11 +57,17 @@ CUSTOMER_COMMANDS = frozenset({"start", "help", "human", "feedback"})
 OPERATOR_REFUSAL = "Only members with the operator role can work on tickets."
 NO_MENTIONS = discord.AllowedMentions.none()
 STOP_GRACE_S = 10.0
+REPORT_FILENAME = "sentiment-report.png"
+SEND_RETRIES = 3
+# discord.py retries these itself (five tries, 1 + 2n s apart) and raises any other 5xx at once.
+_LIBRARY_RETRIED = frozenset({500, 502, 504, 524})
+T = TypeVar("T")
 
 _FENCE = "```"
 _FENCE_LINE = re.compile(r"^\s*```")
 _PAIRED_MARKERS = ("**", "__", "~~", "||")
 _TICKET_IN_NAME = re.compile(r"^#(\d+)\b")
+_LINKABLE = re.compile(r"https?://[^\s<>]+")
 _SPARKS = "▁▂▃▄▅▆▇█"
 
 
@@ -156,6 +170,15 @@ def quote(text: str, limit: int = 300) -> str:
     if len(text) > limit:
         text = text[: limit - 1].rstrip() + "…"
     return "\n".join("> " + line for line in text.splitlines() or [""])
+
+
+def source_link(title: str, url: str) -> str:
+    """A cited article as a masked link; a relative or odd URL would show as raw markdown,
+    so only an absolute http(s) URL is linked, else the title stands alone."""
+    label = discord.utils.escape_markdown(title).replace("[", "\\[").replace("]", "\\]")
+    if _LINKABLE.fullmatch(url):
+        return f"[{label}](<{url}>)"
+    return label
 
 
 def conversation_key(channel_id: int, user_id: int | None = None) -> str:
@@ -346,11 +369,12 @@ class DiscordReplyStream(ReplyStream):
             if delay > 0:
                 await asyncio.sleep(delay)
             only = len(chunks) == 1
+            message = self._message
             try:
-                sent = await self._message.edit(
+                sent = await self._adapter.with_retries(lambda: message.edit(
                     content=chunks[0], allowed_mentions=NO_MENTIONS,
                     **({"view": view} if only and view is not None else {}),
-                )
+                ))
             except discord.NotFound:  # someone deleted the preview: send the reply anew
                 self._message = None
             else:
@@ -422,6 +446,25 @@ class DiscordOperatorChannel(OperatorChannel):
     async def _send(self, thread_id: int, text: str) -> None:
         for chunk in split_message(text):
             await self._adapter.send(str(thread_id), chunk, track=False)
+
+    async def post_report(self, summary: str, chart_png: bytes) -> None:
+        """The summary with the chart attached, in the operator channel itself (not a
+        ticket thread); a summary over 2,000 characters continues in further messages.
+
+        The summary is plain text (it quotes customers' words), so markdown is escaped and
+        it shows exactly as written."""
+        room = await self._operator_room()
+        chunks = split_message(discord.utils.escape_markdown(summary.strip())) or [""]
+        self._adapter.busy(+1)
+        try:
+            await self._adapter.with_retries(lambda: room.send(
+                chunks[0], file=discord.File(io.BytesIO(chart_png), filename=REPORT_FILENAME),
+                allowed_mentions=NO_MENTIONS))
+            for chunk in chunks[1:]:
+                await self._adapter.with_retries(
+                    lambda chunk=chunk: room.send(chunk, allowed_mentions=NO_MENTIONS))
+        finally:
+            self._adapter.busy(-1)
 
     async def _summary(self, ticket: TicketView) -> str:
         customer = ticket.customer.display_name or ticket.customer.platform_user_id
@@ -814,10 +857,7 @@ class DiscordAdapter(Adapter, CustomerChannel):
     def render(self, reply: Reply) -> list[str]:
         text = escape_model_markdown(reply.text.strip())
         if reply.citations:
-            sources = ", ".join(
-                f"[{discord.utils.escape_markdown(c.title)}](<{c.url}>)" if c.url
-                else discord.utils.escape_markdown(c.title) for c in reply.citations
-            )
+            sources = ", ".join(source_link(c.title, c.url) for c in reply.citations)
             text += f"\n-# Sources: {sources}"
         return split_message(text) or ["…"]
 
@@ -831,6 +871,24 @@ class DiscordAdapter(Adapter, CustomerChannel):
             self._suggestions.add(s.id, (s.title, s.url))
             view.add_item(SuggestionButton(s.id, s.title))
         return view
+
+    async def with_retries(self, request: Callable[[], Awaitable[T]]) -> T:
+        """A REST write that survives a passing server error.
+
+        429s and 500/502/504/524 are retried inside discord.py; a 5xx it raises at once
+        (503) is retried here with backoff. What still fails is raised, so the pipeline
+        marks the message failed and the operator is told: nothing is dropped silently.
+        """
+        for attempt in range(SEND_RETRIES + 1):
+            try:
+                return await request()
+            except discord.DiscordServerError as exc:
+                if attempt == SEND_RETRIES or exc.status in _LIBRARY_RETRIED:
+                    raise
+                delay = min(4.0, 0.25 * 2**attempt)
+                log.warning("discord: server error %s; retrying in %.2fs", exc.status, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     def remember_sent(self, message_id: int, key: str) -> None:
         self._sent.add(message_id, key)
@@ -848,7 +906,7 @@ class DiscordAdapter(Adapter, CustomerChannel):
                 options["reference"] = discord.MessageReference(
                     message_id=last, channel_id=channel.id, fail_if_not_exists=False)
                 options["mention_author"] = False
-        message = await channel.send(text, **options)
+        message = await self.with_retries(lambda: channel.send(text, **options))
         if track:
             self.remember_sent(message.id, key)
         return message
@@ -938,6 +996,9 @@ class DiscordAdapter(Adapter, CustomerChannel):
             await call()
         except OperatorError as exc:
             return f"Could not do that: {exc}"
+        except Exception as exc:  # the customer's platform failed: say so, never drop it
+            log.exception("discord: operator action failed")
+            return f"Could not deliver that to the customer ({type(exc).__name__}); try again."
         return None
 
     async def _operator_action(self, ticket_id: int, operator: Operator, action: str,

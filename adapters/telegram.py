@@ -32,9 +32,12 @@ Operator group (``operator_chat_id``, a forum): each escalation opens a topic na
 transcript, then every customer message and state change. Text written in a topic is
 relayed to the customer; ``/claim``, ``/resolve [note]`` and ``/bot`` change the ticket.
 Who may act: the ``operator_user_ids`` when that list is set, else any member of the
-operator group. Ticket-to-topic links are kept in memory and recovered from the topic
-name (``#<ticket>``) after a restart. Operator messages are not core events, so their
-redelivery is caught in memory only (the last 10,000 message ids).
+operator group. The periodic report goes to the group's General topic as a photo
+(``sendPhoto``, multipart) with the summary as caption, or as a following text when the
+summary is over the 1,024-character caption limit. Ticket-to-topic links are kept in
+memory and recovered from the topic name (``#<ticket>``) after a restart. Operator
+messages are not core events, so their redelivery is caught in memory only (the last
+10,000 message ids). An operator whose answer cannot be delivered is told so in the topic.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from telegram import (
     BotCommandScopeChat,
     InlineKeyboardButton,
     InlineKeyboardMarkup,
+    InputFile,
     LinkPreviewOptions,
     Message,
     MessageEntity,
@@ -86,6 +90,8 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 MAX_MESSAGE = 4096
+MAX_CAPTION = 1024
+REPORT_FILENAME = "sentiment-report.png"
 MAX_CALLBACK_DATA = 64
 SUGGESTION_PREFIX = "s:"
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
@@ -538,6 +544,21 @@ class TelegramOperatorRoom(OperatorChannel):
         for piece in split_html_lines(html_text):
             await self._adapter.send(target, piece)
 
+    async def post_report(self, summary: str, chart_png: bytes) -> None:
+        """The chart as a photo in the group's General topic, the summary as its caption.
+
+        A caption holds 1,024 characters: a longer summary follows the photo as text
+        messages (split at 4,096), and the photo is captioned with its first line.
+        """
+        summary = summary.strip()
+        fits = utf16_len(summary) <= MAX_CAPTION
+        first_line = summary.split("\n", 1)[0]
+        caption = summary if fits else split_text(first_line, MAX_CAPTION)[0] if first_line else ""
+        await self._adapter.send_photo(Target(self._chat_id), chart_png, escape(caption))
+        if not fits:
+            for piece in split_text(summary):
+                await self._adapter.send(Target(self._chat_id), escape(piece))
+
     # -- operators writing in the group ---------------------------------------------------
 
     def ticket_for(self, message: Message) -> int | None:
@@ -597,6 +618,11 @@ class TelegramOperatorRoom(OperatorChannel):
                 await self._act(ticket_id, operator, command, args, message)
             except OperatorError as exc:
                 await self._reply(message.message_thread_id, f"⚠️ {exc}")
+            except Exception as exc:  # the customer's platform failed: say so, never drop it
+                log.exception("operator action on ticket %s failed", ticket_id)
+                await self._reply(message.message_thread_id,
+                                  f"⚠️ Could not deliver that to the customer "
+                                  f"({type(exc).__name__}); try again.")
 
     async def _act(self, ticket_id: int, operator: Operator, command: str, args: str,
                    message: Message) -> None:
@@ -868,6 +894,15 @@ class TelegramAdapter(Adapter, CustomerChannel):
             target.chat_id, html_text, parse_mode=ParseMode.HTML, reply_markup=markup,
             message_thread_id=target.thread_id,
             link_preview_options=LinkPreviewOptions(is_disabled=True),
+        ))
+        return int(message.message_id)
+
+    async def send_photo(self, target: Target, png: bytes, html_caption: str = "") -> int:
+        """Upload a picture (multipart); a 5xx is retried with the same bytes."""
+        await self._pacer.wait(target.chat_id)
+        message = await self.call(lambda: self.bot.send_photo(
+            target.chat_id, InputFile(png, filename=REPORT_FILENAME), caption=html_caption or None,
+            parse_mode=ParseMode.HTML, message_thread_id=target.thread_id,
         ))
         return int(message.message_id)
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
 import sys
+import tempfile
 import uuid
+from datetime import UTC, datetime
+from pathlib import Path
 
 from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
 from core.messages import Inbound, Kind, Reply, User
@@ -33,6 +37,9 @@ class _Stream(ReplyStream):
     async def finish(self, reply: Reply) -> str:
         rest = reply.text[self._shown :] if reply.text.startswith(reply.text[: self._shown]) else ""
         sys.stdout.write(rest + "\n")
+        if reply.citations:
+            sources = ", ".join(f"{c.title} {c.url}".strip() for c in reply.citations)
+            sys.stdout.write(f"     sources: {sources}\n")
         for s in reply.suggestions:
             sys.stdout.write(f"     see: {s.title} {s.url}\n")
         sys.stdout.flush()
@@ -42,18 +49,43 @@ class _Stream(ReplyStream):
         sys.stdout.write(" [stopped]\n")
 
 
-class _Notices(OperatorChannel):
+class TerminalNotices(OperatorChannel):
+    """The person at the terminal is also the operator: escalations and reports are printed.
+
+    A terminal cannot show a picture, so a report's chart is written to ``report_dir``
+    and its path printed under the summary.
+    """
+
+    __slots__ = ("_report_dir",)
+
+    def __init__(self, report_dir: Path | None = None) -> None:
+        self._report_dir = report_dir or Path(tempfile.gettempdir())
+
     async def ticket_opened(self, ticket: TicketView) -> None:
         print(f"[escalated to an operator: {ticket.reason}]")
 
     async def ticket_updated(self, ticket: TicketView) -> None:
         pass
 
+    async def post_report(self, summary: str, chart_png: bytes) -> None:
+        path = await asyncio.to_thread(self._save, chart_png)
+        print(f"[report]\n{summary.strip()}\n[chart: {path}]")
+
+    def _save(self, chart_png: bytes) -> Path:
+        self._report_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        fd, name = tempfile.mkstemp(prefix=f"report-{stamp}-", suffix=".png",
+                                    dir=self._report_dir)
+        with os.fdopen(fd, "wb") as out:
+            out.write(chart_png)
+        return Path(name)
+
 
 class TerminalAdapter(Adapter, CustomerChannel):
     platform = PLATFORM
 
-    def __init__(self) -> None:
+    def __init__(self, report_dir: Path | None = None) -> None:
+        self.report_dir = report_dir
         self.session = uuid.uuid4().hex
         self.done = asyncio.Event()
         self._pipeline: Pipeline | None = None
@@ -69,7 +101,7 @@ class TerminalAdapter(Adapter, CustomerChannel):
     async def start(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
         pipeline.attach(self)
-        pipeline.operators.attach(_Notices())
+        pipeline.operators.attach(TerminalNotices(self.report_dir))
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,12 @@ if str(REPO) not in sys.path:
 
 from adapters.discord import DiscordAdapter  # noqa: E402
 from core.config import parse_settings  # noqa: E402
-from core.generation import GenerationParams  # noqa: E402
 from core.pipeline import Pipeline  # noqa: E402
 from core.sentiment import build_classifier  # noqa: E402
-from core.store import Scores, SQLiteStore  # noqa: E402
+from core.store import SQLiteStore  # noqa: E402
+from tests.fakes.chat_driver import NeutralClassifier, ScriptedGenerator  # noqa: E402
 from tests.fakes.discord_api import FakeDiscord, Json  # noqa: E402
+from tests.fakes.discord_driver import DmCustomer  # noqa: E402
 
 QUESTIONS = (
     "Where is my parcel right now",
@@ -69,48 +70,8 @@ def question(u: int, i: int) -> str:
     return f"{QUESTIONS[i % len(QUESTIONS)]}? (ref {u}-{i})"
 
 
-class EchoGenerator:
-    """Deterministic stand-in for the model: a fixed answer per question, streamed."""
-
-    def __init__(self, pieces: int, delay_s: float) -> None:
-        self.pieces = pieces
-        self.delay_s = delay_s
-
-    @staticmethod
-    def answer(question: str) -> str:
-        return f"Answer to {question}."
-
-    def stream(self, messages: Sequence[Any], params: GenerationParams) -> AsyncIterator[str]:
-        # Unanswered earlier messages are merged into the last turn; answer the newest line.
-        return self._stream(self.answer(messages[-1].content.splitlines()[-1]))
-
-    async def _stream(self, text: str) -> AsyncIterator[str]:
-        step = max(1, len(text) // self.pieces)
-        for at in range(0, len(text), step):
-            await asyncio.sleep(self.delay_s)
-            yield text[at:at + step]
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
-class ConstantClassifier:
-    """A fixed neutral score, for runs that should not pay for the sentiment model."""
-
-    async def classify(self, text: str) -> Scores:
-        return Scores("neutral", 0.05, 0.9, 0.05)
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
+def answer(question: str) -> str:
+    return f"Answer to {question}."
 
 
 @dataclass
@@ -151,8 +112,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     fake.record_calls = False
     tally = Tally()
     fake.listeners.append(tally.observe)
-    users = [fake.add_user(f"user{u}") for u in range(args.users)]
-    dms = [fake.dm_channel(user) for user in users]
+    customers = [DmCustomer.new(fake, f"user{u}") for u in range(args.users)]
     work = Path(tempfile.mkdtemp(prefix="discord-bench-"))
     settings = parse_settings({
         "service": {"data_dir": str(work)},
@@ -167,23 +127,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         s = settings.sentiment
         classifier: Any = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
     else:
-        classifier = ConstantClassifier()
+        classifier = NeutralClassifier()
     await classifier.start()
-    generator = EchoGenerator(args.pieces, args.token_delay_ms / 1000)
+    generator = ScriptedGenerator(answer, delay_s=args.token_delay_ms / 1000, pieces=args.pieces)
     pipeline = Pipeline(settings, store, classifier, generator)
     adapter = DiscordAdapter(settings.discord, fake.token)
     await adapter.start(pipeline)
 
     for u in range(args.users):
         for i in range(args.messages):
-            tally.expected[EchoGenerator.answer(question(u, i))] = (u, i)
+            tally.expected[answer(question(u, i))] = (u, i)
     total = args.users * args.messages
 
     async def customer(u: int) -> None:
         await asyncio.sleep(args.ramp_s * u / args.users)
         for i in range(args.messages):
             tally.sent_at[(u, i)] = time.perf_counter()
-            await fake.user_message(dms[u], users[u], question(u, i))
+            await customers[u].say(question(u, i))
             await asyncio.sleep(args.gap_ms / 1000)
 
     async def dropper() -> None:

@@ -28,7 +28,7 @@ import random
 import statistics
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +39,9 @@ if str(REPO) not in sys.path:
 
 from adapters.telegram import TelegramAdapter  # noqa: E402
 from core.config import Settings, parse_settings  # noqa: E402
-from core.generation import ChatMessage, GenerationParams  # noqa: E402
 from core.pipeline import Pipeline  # noqa: E402
-from core.store import Scores, SQLiteStore  # noqa: E402
+from core.store import SQLiteStore  # noqa: E402
+from tests.fakes.chat_driver import NeutralClassifier, ScriptedGenerator  # noqa: E402
 from tests.fakes.telegram_api import FakeTelegram  # noqa: E402
 
 FIRST_USER = 10_000_000
@@ -70,46 +70,9 @@ def answer(text: str) -> str:
     return f"Thanks for asking. Here is the reply to: {text}"
 
 
-class EchoGenerator:
+def echo_generator(token_delay_s: float) -> ScriptedGenerator:
     """Deterministic generator for load runs: answers the newest question word by word."""
-
-    __slots__ = ("_token_delay",)
-
-    def __init__(self, token_delay_s: float) -> None:
-        self._token_delay = token_delay_s
-
-    async def stream(self, messages: Sequence[ChatMessage], params: GenerationParams
-                     ) -> AsyncIterator[str]:
-        # The newest question is the last line: the core merges a user turn with earlier
-        # ones that were still unanswered when it was read.
-        words = answer(messages[-1].content.splitlines()[-1]).split(" ")
-        for index, word in enumerate(words):
-            await asyncio.sleep(self._token_delay)
-            yield word if index == 0 else " " + word
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    async def start(self) -> None:
-        """Nothing to load."""
-
-    async def close(self) -> None:
-        """Nothing to free."""
-
-
-class NeutralClassifier:
-    """Scores everything neutral (``--sentiment neutral``), to take the model out of a run."""
-
-    __slots__ = ()
-
-    async def classify(self, text: str) -> Scores:
-        return Scores("neutral", 0.0, 1.0, 0.0)
-
-    async def start(self) -> None:
-        """Nothing to load."""
-
-    async def close(self) -> None:
-        """Nothing to free."""
+    return ScriptedGenerator(answer, delay_s=token_delay_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +133,7 @@ async def build_models(settings: Settings, generator: str, sentiment: str,
 
         gen: Any = await build_generator(settings)
     else:
-        gen = EchoGenerator(token_delay_s)
+        gen = echo_generator(token_delay_s)
     if sentiment == "model":
         from core.sentiment import build_classifier
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import re
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +27,22 @@ from adapters.discord import (
     escape_model_markdown,
     split_message,
 )
-from core.generation import GenerationParams
-from core.messages import Suggestion
+from core.config import DiscordSettings
+from core.messages import Citation, Reply, Suggestion
 from core.pipeline import Pipeline
 from core.recommender import SuggestionRequest
 from core.sentiment import build_classifier
 from core.store import SQLiteStore
-from tests.conftest import make_settings
+from tests.fakes.chat_driver import ScriptedGenerator
 from tests.fakes.discord_api import FakeDiscord, Json
+from tests.fakes.discord_driver import (
+    Bot,
+    World,
+    discord_settings,
+    discord_world,
+    running_bot,
+    texts_in,
+)
 
 ANGRY = (
     "Worst service ever. I am furious, I want my money back NOW.",
@@ -47,45 +53,10 @@ ANGRY = (
 # -- the world -------------------------------------------------------------------------------
 
 
-@dataclass
-class World:
-    fake: FakeDiscord
-    guild: Json
-    support: Json
-    general: Json
-    ops: Json
-    operator_role: Json
-    alice: Json
-    bob: Json
-    olga: Json
-    mallory: Json
-
-
-async def build_world(**options: Any) -> World:
-    fake = await FakeDiscord(**options).start()
-    guild = fake.add_guild("Shop")
-    role = fake.add_role(guild, "operators")
-    support = fake.add_text_channel(guild, "support")
-    general = fake.add_text_channel(guild, "general")
-    ops = fake.add_text_channel(guild, "operators")
-    alice, bob = fake.add_user("alice"), fake.add_user("bob")
-    olga, mallory = fake.add_user("olga"), fake.add_user("mallory")
-    for user in (alice, bob, mallory):
-        fake.add_member(guild, user)
-    fake.add_member(guild, olga, roles=(role,))
-    return World(fake, guild, support, general, ops, role, alice, bob, olga, mallory)
-
-
 @pytest.fixture
-async def world(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
-    # The adapter points discord.py at the fake through these two settings; restore them.
-    monkeypatch.setattr(discord.http.Route, "BASE", discord.http.Route.BASE)
-    monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", DiscordWebSocket.DEFAULT_GATEWAY)
-    w = await build_world()
-    try:
+async def world() -> AsyncIterator[World]:
+    async with discord_world() as w:
         yield w
-    finally:
-        await w.fake.close()
 
 
 def point_at(fake: FakeDiscord) -> None:
@@ -236,35 +207,6 @@ def test_model_markdown_repaired_only_where_broken() -> None:
 # -- part two: the adapter on the real pipeline ------------------------------------------------
 
 
-class ScriptedGenerator:
-    """Streams a known reply word by word, like a model would; the tests choose the words."""
-
-    def __init__(self) -> None:
-        self.replies: dict[str, str] = {}
-        self.delay_s = 0.03
-        self.calls = 0
-
-    def stream(self, messages: Sequence[Any], params: GenerationParams) -> AsyncIterator[str]:
-        self.calls += 1
-        question = messages[-1].content.splitlines()[-1]  # earlier unanswered turns merge
-        text = self.replies.get(question, f"Thanks! About '{question}': here is what I know.")
-        return self._pieces(text)
-
-    async def _pieces(self, text: str) -> AsyncIterator[str]:
-        for piece in re.findall(r"\S+\s*", text):
-            await asyncio.sleep(self.delay_s)
-            yield piece
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split())
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
 class ArticleShelf:
     """Two fixed help articles, so the buttons under an answer are known."""
 
@@ -286,85 +228,10 @@ async def classifier() -> AsyncIterator[Any]:
     await model.close()
 
 
-@dataclass
-class Bot:
-    world: World
-    adapter: DiscordAdapter
-    pipeline: Pipeline
-    store: SQLiteStore
-    generator: ScriptedGenerator
-    settings: Any
-
-    @property
-    def fake(self) -> FakeDiscord:
-        return self.world.fake
-
-    async def events(self, kind: str) -> list[dict]:
-        return await self.store.query("SELECT * FROM events WHERE type = ? ORDER BY id", [kind])
-
-    async def tickets(self) -> list[dict]:
-        return await self.store.query("SELECT * FROM tickets ORDER BY id")
-
-    async def settle(self, inbound: int, within: float = 20.0) -> None:
-        """Wait until ``inbound`` customer events are stored and everything is answered."""
-        sql = ("SELECT SUM(direction = 'in') AS got, SUM((direction = 'in' AND status IN "
-               "('received', 'processing')) OR (direction = 'out' AND status = 'pending')) "
-               "AS busy FROM messages")
-
-        async def done() -> bool:
-            [row] = await self.store.query(sql)
-            return (row["got"] or 0) >= inbound and not row["busy"]
-
-        async with asyncio.timeout(within):
-            while not await done():  # noqa: ASYNC110 (the store has no change event)
-                await asyncio.sleep(0.05)
-
-    async def restart_adapter(self) -> None:
-        """A new process's adapter on the same pipeline (the old client is gone)."""
-        await self.adapter.stop()
-        self.adapter = DiscordAdapter(self.adapter.settings, self.fake.token)
-        await self.adapter.start(self.pipeline)
-
-
-def discord_settings(world: World, tmp_path: Path, **extra: Any) -> Any:
-    return make_settings(tmp_path, discord={
-        "enabled": True, "api_base": world.fake.api_base, "gateway_url": world.fake.gateway_url,
-        "support_channel_ids": [int(world.support["id"])],
-        "operator_channel_id": int(world.ops["id"]),
-        "operator_role_id": int(world.operator_role["id"]),
-        "edit_interval_s": 0.2, "guild_ready_timeout_s": 0.05, "typing_interval_s": 0.5,
-        **extra,
-    })
-
-
-@contextlib.asynccontextmanager
-async def running_bot(world: World, classifier: Any, tmp_path: Path,
-                      **extra: Any) -> AsyncIterator[Bot]:
-    settings = discord_settings(world, tmp_path, **extra)
-    store = SQLiteStore(settings.store.path)
-    await store.open()
-    generator = ScriptedGenerator()
-    pipeline = Pipeline(settings, store, classifier, generator, ArticleShelf())
-    adapter = DiscordAdapter(settings.discord, world.fake.token)
-    await adapter.start(pipeline)
-    b = Bot(world, adapter, pipeline, store, generator, settings)
-    try:
-        yield b
-    finally:
-        await pipeline.close(2.0)
-        await b.adapter.stop()
-        await store.close()
-
-
 @pytest.fixture
 async def bot(world: World, classifier: Any, tmp_path: Path) -> AsyncIterator[Bot]:
-    async with running_bot(world, classifier, tmp_path) as b:
+    async with running_bot(world, classifier, tmp_path, recommender=ArticleShelf()) as b:
         yield b
-
-
-def texts_in(fake: FakeDiscord, channel: Json) -> list[str]:
-    """What a person sees from the bot in a channel, oldest first."""
-    return [m["content"] for m in fake.bot_messages(channel["id"])]
 
 
 async def test_dm_conversation_streams_one_edited_message(bot: Bot) -> None:
@@ -616,7 +483,8 @@ async def test_429_on_a_reply_is_waited_out_and_nothing_is_lost(bot: Bot) -> Non
 async def test_support_thread_per_conversation(world: World, classifier: Any,
                                                tmp_path: Path) -> None:
     fake = world.fake
-    async with running_bot(world, classifier, tmp_path, use_threads=True) as b:
+    async with running_bot(world, classifier, tmp_path, recommender=ArticleShelf(),
+                           use_threads=True) as b:
         first = await fake.user_message(world.support, world.alice, "Can I change my address?")
         await b.settle(inbound=1)
         [thread] = fake.threads_of(world.support["id"])
@@ -641,3 +509,45 @@ async def test_customer_commands_and_sticker(bot: Bot) -> None:
     assert bot.generator.calls == 0
 
 
+
+
+# -- grounded answers: citations as links, placeholders never shown --------------------------------
+
+FIXTURE_KB = Path(__file__).parent / "fixtures" / "kb"
+PLACEHOLDER_ANSWER = (
+    "Your order {{Order Number}} arrives in three to five working days. Follow it on "
+    "{{Website URL}} or call {{Customer Support Phone Number}} if it is late."
+)
+
+
+async def test_grounded_reply_cites_articles_as_links_and_hides_placeholders(
+        world: World, classifier: Any, tmp_path: Path) -> None:
+    fake = world.fake
+    generator = ScriptedGenerator(lambda _: PLACEHOLDER_ANSWER, delay_s=0.03)
+    async with running_bot(world, classifier, tmp_path, generator=generator, grounded=True,
+                           sections={"recommender": {"knowledge_dir": str(FIXTURE_KB),
+                                                     "enabled": False}}) as bot:
+        dm = fake.dm_channel(world.alice)
+        await fake.user_message(dm, world.alice,
+                                "How long does delivery take? My order number is 55123.")
+        await bot.settle(inbound=1)
+    [message] = fake.bot_messages(dm["id"])
+    body, sources = message["content"].rsplit("\n", 1)
+    assert "55123" in body, "the customer's own order number fills its placeholder"
+    assert sources == ("-# Sources: [How long delivery takes]"
+                       "(<https://help.example.com/delivery-times>)")
+    written = [c.body["content"] for c in fake.calls if c.method in ("POST", "PATCH")
+               and "/messages" in c.path and isinstance(c.body, dict) and "content" in c.body]
+    assert len(written) >= 2, "the reply was streamed (a preview, then the final text)"
+    for text in written:
+        assert "{" not in text and "}" not in text, text
+
+
+def test_citations_link_only_absolute_urls() -> None:
+    adapter = DiscordAdapter(DiscordSettings(), "token")
+    [text] = adapter.render(Reply("See below.", citations=(
+        Citation("contact-us", "Contacting our support team", "/help/contact-us"),
+        Citation("odd", "Refunds [EU] *new*", "https://help.example.com/refunds"),
+    )))
+    assert text == ("See below.\n-# Sources: Contacting our support team, "
+                    "[Refunds \\[EU\\] \\*new\\*](<https://help.example.com/refunds>)")

@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +37,16 @@ from core.config import TelegramSettings
 from core.knowledge import load_knowledge
 from core.messages import Citation, Reply, Sender, Suggestion
 from core.operators import Operator
-from core.pipeline import Pipeline
 from core.recommender import SuggestionRequest
 from core.sentiment import build_classifier
-from core.store import SQLiteStore
 from tests.conftest import REPO, make_settings
+from tests.fakes.chat_driver import NeutralClassifier, ScriptedGenerator
 from tests.fakes.telegram_api import FakeTelegram, parse_html
+from tests.fakes.telegram_driver import OPERATOR_GROUP, Start, telegram_harnesses, texts
 
 # PTB 22's own RetryAfter.__init__ reads its deprecated int ``retry_after``.
 pytestmark = pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
 
-OPERATOR_GROUP = -1001234567890
 DANA = 501  # an operator
 OLIVER = 502  # a member of the operator group who is not an operator
 ANN = 1001
@@ -331,65 +329,12 @@ async def models(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tupl
     await classifier.close()
 
 
-@dataclass
-class Harness:
-    fake: FakeTelegram
-    adapter: TelegramAdapter
-    pipeline: Pipeline
-    store: SQLiteStore
-    settings: Any
-
-    async def rows(self, sql: str, *params: Any) -> list[dict[str, Any]]:
-        return await self.store.query(sql, list(params))
-
-    async def restart_adapter(self, **kwargs: Any) -> None:
-        await self.adapter.stop()
-        self.adapter = TelegramAdapter(self.settings.telegram, self.fake.token, **kwargs)
-        await self.adapter.start(self.pipeline)
-
-
-Start = Callable[..., Awaitable[Harness]]
-
-
 @pytest.fixture
 async def telegram(models: tuple[Any, Any], tmp_path: Path) -> AsyncIterator[Start]:
     generator, classifier = models
-    harnesses: list[Harness] = []
-
-    async def start(*, webhook_secret: str | None = None, recommender: Any = None,
-                    escalation: dict[str, Any] | None = None, **telegram: Any) -> Harness:
-        fake = await FakeTelegram().start()
-        tg = {
-            "enabled": True, "base_url": fake.base_url, "base_file_url": fake.base_file_url,
-            "edit_interval_s": 0.2, "typing_interval_s": 0.3,
-            "operator_chat_id": OPERATOR_GROUP, "operator_user_ids": [DANA],
-            **telegram,
-        }
-        settings = make_settings(
-            tmp_path, telegram=tg, generator={"max_new_tokens": 10},
-            escalation=escalation or {},
-        )
-        store = SQLiteStore(settings.store.path)
-        await store.open()
-        pipeline = Pipeline(settings, store, classifier, generator, recommender)
-        adapter = TelegramAdapter(settings.telegram, fake.token, webhook_secret=webhook_secret)
-        harness = Harness(fake, adapter, pipeline, store, settings)
-        harnesses.append(harness)
-        if settings.telegram.operator_chat_id:
-            fake.group(OPERATOR_GROUP, "Support operators", forum=True)
-        await adapter.start(pipeline)
-        return harness
-
-    yield start
-    for h in harnesses:
-        await h.adapter.stop()
-        await h.pipeline.close(0.5)
-        await h.store.close()
-        await h.fake.close()
-
-
-def texts(fake: FakeTelegram, chat_id: int, thread_id: int | None = None) -> list[str]:
-    return [m.text for m in fake.bot_messages(chat_id, thread_id)]
+    async with telegram_harnesses(tmp_path, generator, classifier,
+                                  operator_ids=(DANA,)) as start:
+        yield start
 
 
 async def test_customer_conversation_streamed_with_suggestions_and_reaction(
@@ -656,10 +601,56 @@ async def test_webhook_mode_checks_the_secret(telegram: Start) -> None:
 
 
 async def test_load_bench_small_run_loses_nothing(models: tuple[Any, Any]) -> None:
-    from bench.telegram_load import EchoGenerator, run_load
+    from bench.telegram_load import echo_generator, run_load
 
     _, classifier = models
-    result = await run_load(25, 4, models=(EchoGenerator(0.002), classifier),
+    result = await run_load(25, 4, models=(echo_generator(0.002), classifier),
                             edit_interval_s=0.05, stall_s=20)
     assert result.replies == 100
     assert (result.lost, result.duplicated, result.out_of_order) == (0, 0, 0)
+
+
+# --- grounded answers: citations as links, placeholders never shown ------------------------------
+
+FIXTURE_KB = REPO / "tests" / "fixtures" / "kb"
+PLACEHOLDER_ANSWER = (
+    "Your order {{Order Number}} arrives in three to five working days. Follow it on "
+    "{{Website URL}} or call {{Customer Support Phone Number}} if it is late."
+)
+
+
+@pytest.fixture
+async def scripted(tmp_path: Path) -> AsyncIterator[Start]:
+    """The adapter on a pipeline whose generator says exactly what the test chooses."""
+    generator = ScriptedGenerator(lambda _: PLACEHOLDER_ANSWER, delay_s=0.02)
+    async with telegram_harnesses(tmp_path, generator, NeutralClassifier(),
+                                  operator_ids=(DANA,)) as start:
+        yield start
+
+
+async def test_grounded_reply_cites_articles_as_links_and_hides_placeholders(
+        scripted: Start) -> None:
+    h = await scripted(operator_chat_id=0, edit_interval_s=0.05, grounded=True, sections={
+        "recommender": {"knowledge_dir": str(FIXTURE_KB), "enabled": False}})
+    fake = h.fake
+    ann = fake.user(ANN, "Ann")
+    fake.send_text(ANN, ann, "How long does delivery take? My order number is 55123.")
+    (reply,) = await fake.wait_for(
+        lambda: [m for m in fake.bot_messages(ANN) if "Sources:" in m.text], 20)
+
+    assert "55123" in reply.text, "the customer's own order number fills its placeholder"
+    assert reply.text.endswith("Sources: How long delivery takes")
+    start = reply.text.index("How long delivery takes")
+    assert {"type": "text_link", "offset": start, "length": len("How long delivery takes"),
+            "url": "https://help.example.com/delivery-times"} in reply.entities
+    final = [c for c in fake.calls if c.ok and c.method in ("sendMessage", "editMessageText")
+             and c.result["message_id"] == reply.message_id][-1]
+    assert ('<a href="https://help.example.com/delivery-times">How long delivery takes</a>'
+            in final.params["text"])
+    shown = [c.params["text"] for c in fake.calls
+             if c.method in ("sendMessage", "editMessageText")]
+    assert len(shown) >= 2, "the reply was streamed (a preview, then the final text)"
+    for text in shown:
+        assert "{" not in text and "}" not in text, text
+    (stored,) = await h.rows("SELECT text FROM messages WHERE direction = 'out'")
+    assert "{" not in stored["text"] and "55123" in stored["text"]

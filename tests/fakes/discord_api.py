@@ -7,6 +7,10 @@ RESUME with replay of missed events, RECONNECT (op 7), INVALID_SESSION (op 9), s
 codes, zlib-stream transport compression, intent filtering (message content is blanked
 without the privileged intent, as Discord does), and the REST routes with Discord's JSON
 shapes, error bodies, rate-limit headers and 429s. Every REST call is recorded.
+Messages with files arrive as ``multipart/form-data`` (``payload_json`` plus ``files[n]``
+parts, referenced by ``attachments[].id``); the bytes are kept (:meth:`attachment_bytes`),
+and a file over 25 MiB is refused with 413 / 40005 as Discord does. Server errors (5xx)
+can be injected like 429s, to prove the client's retries and error reporting.
 
 discord.py is pointed here by configuration only: ``discord.http.Route.BASE = fake.api_base``
 and ``discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(fake.gateway_url)``.
@@ -54,6 +58,9 @@ THREAD_TYPES = (PUBLIC_THREAD, PRIVATE_THREAD)
 
 EPHEMERAL = 1 << 6
 MAX_CONTENT = 2000
+MAX_UPLOAD = 25 * 1024 * 1024
+SERVER_ERRORS = {500: "500: Internal Server Error", 502: "502: Bad Gateway",
+                 503: "503: Service Unavailable", 504: "504: Gateway Timeout"}
 
 Json = dict[str, Any]
 
@@ -64,6 +71,15 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None
     body = json.dumps(data, separators=(",", ":")).encode()
     return web.Response(body=body, status=status, headers=headers,
                         content_type="application/json")
+
+
+def _sniff(data: bytes, declared: str) -> str:
+    """Discord reports the type it detects, not the one the client declared."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    return declared or "application/octet-stream"
 
 
 def now_iso() -> str:
@@ -84,6 +100,19 @@ class Snowflakes:
 
 
 @dataclass(frozen=True, slots=True)
+class FilePart:
+    """One ``files[n]`` part of a multipart request, as received."""
+
+    name: str
+    filename: str
+    content_type: str
+    data: bytes
+
+
+_FILES = web.RequestKey("files", tuple[FilePart, ...])
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
     """One REST request as the fake saw it (before any injected error was applied)."""
 
@@ -94,6 +123,7 @@ class Call:
     headers: dict[str, str]
     status: int
     at: float
+    files: tuple[FilePart, ...] = ()
 
     @property
     def route(self) -> str:
@@ -107,6 +137,7 @@ class _Injected:
     retry_after: float
     remaining: int
     is_global: bool
+    status: int = 429
 
 
 @dataclass(slots=True)
@@ -186,6 +217,7 @@ class FakeDiscord:
         self.interactions: dict[int, Json] = {}
         self.commands: dict[str, list[Json]] = {}
         self.dm_by_user: dict[int, int] = {}
+        self.files: dict[int, bytes] = {}
 
         self.calls: list[Call] = []
         self.record_calls = True
@@ -438,6 +470,18 @@ class FakeDiscord:
         """The next ``count`` matching requests get a 429 with ``retry_after``."""
         self._injected.append(_Injected(method, re.compile(path_pattern), retry_after, count,
                                         is_global))
+
+    def inject_server_error(self, method: str, path_pattern: str, *, status: int = 503,
+                            count: int = 1) -> None:
+        """The next ``count`` matching requests fail with a 5xx, as Discord's edge sends it."""
+        if status not in SERVER_ERRORS:
+            raise ValueError(f"not a server error the fake knows: {status}")
+        self._injected.append(_Injected(method, re.compile(path_pattern), 0.0, count, False,
+                                        status))
+
+    def attachment_bytes(self, attachment: Json) -> bytes:
+        """What was uploaded for an attachment of a message the bot sent."""
+        return self.files[int(attachment["id"])]
 
     # -- gateway: test-side controls ---------------------------------------------------------
 
@@ -888,9 +932,21 @@ class FakeDiscord:
         if request.method in ("GET", "DELETE") or not request.can_read_body:
             return None
         if request.content_type.startswith("multipart/"):
-            form = await request.post()
-            raw = form.get("payload_json")
-            return json.loads(raw) if isinstance(raw, str) else {}
+            reader = await request.multipart()
+            payload: Any = {}
+            files: list[FilePart] = []
+            async for part in reader:
+                if part.name == "payload_json":
+                    try:
+                        payload = json.loads(await part.text())
+                    except ValueError:
+                        return ValueError
+                elif part.filename is not None:
+                    files.append(FilePart(part.name or "", part.filename,
+                                          part.headers.get("Content-Type", ""),
+                                          bytes(await part.read())))
+            request[_FILES] = tuple(files)
+            return payload
         text = await request.text()
         if not text:
             return None
@@ -908,7 +964,8 @@ class FakeDiscord:
         self.calls.append(Call(request.method, path, dict(request.query),
                                body if self.record_calls else None,
                                dict(request.headers) if self.record_calls else {},
-                               response.status, time.monotonic()))
+                               response.status, time.monotonic(),
+                               request.get(_FILES, ()) if self.record_calls else ()))
         await self._notify()
         return response
 
@@ -924,6 +981,8 @@ class FakeDiscord:
         if body is ValueError:
             return self._error(400, 50109, "The request body contains invalid JSON.")
         injected = self._take_injected(request.method, path)
+        if injected is not None and injected.status != 429:
+            return self._error(injected.status, 0, SERVER_ERRORS[injected.status])
         if injected is not None:
             return self._too_many(injected.retry_after, injected.is_global, "user")
         major = params.get("channel_id") or params.get("guild_id") or params.get("token") or ""
@@ -1129,8 +1188,12 @@ class FakeDiscord:
             if reply_to is None and ref.get("fail_if_not_exists", True):
                 return self._form_error("message_reference", "REPLIES_UNKNOWN_MESSAGE",
                                         "Unknown message")
+        attachments = self._attachments(body, request.get(_FILES, ()))
+        if isinstance(attachments, web.Response):
+            return attachments
         content = body.get("content") or ""
         extra: Json = self._resolve_mentions(content, body.get("allowed_mentions"), reply_to)
+        extra["attachments"] = attachments
         extra["components"] = body.get("components") or []
         extra["embeds"] = body.get("embeds") or []
         extra["flags"] = int(body.get("flags") or 0)
@@ -1147,6 +1210,32 @@ class FakeDiscord:
         if self.echo_bot_messages:
             await self.dispatch("MESSAGE_CREATE", msg)
         return _json(msg)
+
+    def _attachments(self, body: Json, files: tuple[FilePart, ...]) -> list[Json] | web.Response:
+        """Uploaded ``files[n]`` as message attachments (``attachments[].id`` is the n)."""
+        described = {str(a.get("id")): a for a in body.get("attachments") or []}
+        out: list[Json] = []
+        for part in files:
+            match = re.fullmatch(r"files\[(\d+)\]", part.name)
+            if match is None:
+                return self._form_error("files", "BASE_TYPE_BAD", "Invalid file field name.")
+            if len(part.data) > MAX_UPLOAD:
+                return self._error(413, 40005, "Request entity too large")
+            meta = described.get(match[1], {})
+            filename = meta.get("filename") or part.filename
+            aid = self.ids.next()
+            self.files[aid] = part.data
+            url = f"https://cdn.discordapp.com/attachments/0/{aid}/{filename}"
+            attachment: Json = {"id": str(aid), "filename": filename, "size": len(part.data),
+                                "url": url, "proxy_url": url,
+                                "content_type": _sniff(part.data, part.content_type)}
+            if attachment["content_type"] == "image/png" and len(part.data) >= 24:
+                attachment["width"] = int.from_bytes(part.data[16:20], "big")
+                attachment["height"] = int.from_bytes(part.data[20:24], "big")
+            if meta.get("description"):
+                attachment["description"] = meta["description"]
+            out.append(attachment)
+        return out
 
     def _message_or_error(self, channel_id: str, message_id: str) -> Json | web.Response:
         if int(channel_id) not in self.channels:

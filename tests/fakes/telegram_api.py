@@ -10,7 +10,10 @@ chats, unchanged edits, forum threads, callback-query ids) and records every cal
 Tests play the users: :meth:`FakeTelegram.send_text` and friends queue updates that the
 bot then receives by long polling (``getUpdates`` with offsets) or, after ``setWebhook``,
 as webhook POSTs carrying ``X-Telegram-Bot-Api-Secret-Token``. Failures can be injected
-(429 with ``retry_after``, 5xx) to prove the client copes.
+(429 with ``retry_after``, 5xx; for every chat or one) to prove the client copes. Files
+uploaded as ``multipart/form-data`` (``sendPhoto``) are kept byte for byte: a photo must be
+a PNG or JPEG of at most 10 MB, width + height at most 10,000 and a side ratio of at most
+20, as the Bot API documents; :meth:`FakeTelegram.photo_bytes` returns what was sent.
 
 Known deviations, all deliberate: ``setWebhook`` accepts ``http://`` URLs on loopback
 hosts (the fake stands in for the TLS-terminating proxy in front of the bot); only the
@@ -32,11 +35,16 @@ from urllib.parse import urlsplit
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-__all__ = ["ApiError", "Call", "FakeTelegram", "SentMessage", "TgChat", "TgUser", "parse_html"]
+__all__ = [
+    "ApiError", "Call", "FakeTelegram", "SentMessage", "TgChat", "TgUser", "Upload", "parse_html",
+]
 
 DEFAULT_TOKEN = "123456:TEST-token_for-the-fake"
 MAX_TEXT = 4096
 MAX_CALLBACK_DATA = 64
+MAX_CAPTION = 1024
+MAX_PHOTO_BYTES = 10 * 1024 * 1024
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHAT_ACTIONS = frozenset({
     "typing", "upload_photo", "record_video", "upload_video", "record_voice", "upload_voice",
     "upload_document", "choose_sticker", "find_location", "record_video_note",
@@ -85,6 +93,22 @@ def _bad(description: str) -> ApiError:
     return ApiError(400, f"Bad Request: {description}")
 
 
+def _image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an uploaded photo, refused the way the Bot API refuses it."""
+    if len(data) > MAX_PHOTO_BYTES:
+        raise _bad("file is too big")
+    if data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    elif data.startswith(b"\xff\xd8\xff"):
+        return 800, 600  # a JPEG; the fake does not read its dimensions
+    else:
+        raise _bad("IMAGE_PROCESS_FAILED")
+    if not width or not height or width + height > 10_000 or max(
+            width / height, height / width) > 20:
+        raise _bad("PHOTO_INVALID_DIMENSIONS")
+    return width, height
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """One request the fake received and what it answered."""
@@ -102,6 +126,16 @@ class Call:
     @property
     def result(self) -> Any:
         return self.response.get("result")
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A file part of a ``multipart/form-data`` request, as received."""
+
+    field: str
+    filename: str
+    content_type: str
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +395,7 @@ class _Injection:
     retry_after: int | None
     times: int
     description: str | None
+    chat_id: int | None = None
 
 
 @dataclass(slots=True)
@@ -380,6 +415,7 @@ class _State:
     commands: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     webhook: _Webhook | None = None
     dropped: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 class FakeTelegram:
@@ -586,11 +622,14 @@ class FakeTelegram:
     # --- the test's side: failures -------------------------------------------------------
 
     def inject(self, method: str, status: int = 429, *, times: int = 1,
-               retry_after: int | None = None, description: str | None = None) -> None:
-        """The next ``times`` calls of ``method`` fail with ``status`` (429 needs retry_after)."""
+               retry_after: int | None = None, description: str | None = None,
+               chat_id: int | None = None) -> None:
+        """The next ``times`` calls of ``method`` (into ``chat_id`` only, when given) fail
+        with ``status`` (429 needs retry_after)."""
         if status == 429 and retry_after is None:
             retry_after = 1
-        self._injections.append(_Injection(method.lower(), status, retry_after, times, description))
+        self._injections.append(
+            _Injection(method.lower(), status, retry_after, times, description, chat_id))
 
     # --- the test's side: inspection ------------------------------------------------------
 
@@ -612,6 +651,16 @@ class FakeTelegram:
 
     def message(self, chat_id: int, message_id: int) -> SentMessage:
         return self._view(self._state.messages[(chat_id, message_id)])
+
+    def photo_bytes(self, chat_id: int, message_id: int) -> bytes:
+        """The bytes of the largest size of a photo the bot uploaded."""
+        message = self._state.messages[(chat_id, message_id)]
+        return self._state.files[message["photo"][-1]["file_id"]]
+
+    def uploads(self, method: str) -> list[Upload]:
+        """Every file part received by ``method``, in order (failed calls included)."""
+        return [v for c in self.calls_to(method) for v in c.params.values()
+                if isinstance(v, Upload)]
 
     def topics(self, chat_id: int) -> dict[int, str]:
         """Forum topics of a chat: thread id -> name."""
@@ -782,18 +831,32 @@ class FakeTelegram:
                 params.update(body)
         elif ctype == "multipart/form-data":
             reader = await request.multipart()
+            parts: dict[str, Any] = {}
             async for part in reader:
                 if part.filename:
-                    data = await part.read()
-                    params[part.name] = {"attach": part.filename, "size": len(data)}
+                    data = bytes(await part.read())
+                    parts[part.name or ""] = Upload(
+                        part.name or "", part.filename,
+                        part.headers.get("Content-Type", "application/octet-stream"), data)
                 else:
-                    params[part.name] = await part.text()
+                    parts[part.name or ""] = await part.text()
+            # "attach://<name>" points a parameter at the file part of that name.
+            for name, value in list(parts.items()):
+                if isinstance(value, str) and value.startswith("attach://"):
+                    target = parts.get(value.removeprefix("attach://"))
+                    if not isinstance(target, Upload):
+                        raise _bad(f"file {value} not found in the request")
+                    parts[name] = target
+            params.update(parts)
         else:
             params.update(dict(await request.post()))
         return params
 
-    def _injected(self, method: str) -> ApiError | None:
+    def _injected(self, method: str, params: dict[str, Any]) -> ApiError | None:
         for injection in self._injections:
+            if injection.chat_id is not None and str(params.get("chat_id")) != str(
+                    injection.chat_id):
+                continue
             if injection.method == method.lower() and injection.times > 0:
                 injection.times -= 1
                 if injection.status == 429:
@@ -821,7 +884,7 @@ class FakeTelegram:
         if handler is None:
             return self._record(method, raw, 404,
                                 {"ok": False, "error_code": 404, "description": "Not Found"})
-        injected = self._injected(method)
+        injected = self._injected(method, raw)
         if injected is not None:
             return self._record(method, raw, injected.status, injected.body())
         try:
@@ -1003,11 +1066,17 @@ class FakeTelegram:
         if not photo:
             raise _bad("there is no photo in the request")
         caption, entities = self._formatted(params, "caption", required=False)
-        if _utf16_len(caption) > 1024:
+        if _utf16_len(caption) > MAX_CAPTION:
             raise _bad("message caption is too long")
+        file_id = f"AgACAgI{next(self._callback_ids)}"
+        width, height, size = 800, 600, 51200
+        if isinstance(photo, Upload):
+            width, height = _image_size(photo.data)
+            size = len(photo.data)
+            self._state.files[file_id] = photo.data
         content: dict[str, Any] = {"photo": [{
-            "file_id": f"AgACAgI{next(self._callback_ids)}", "file_unique_id": "AQsent",
-            "width": 800, "height": 600, "file_size": 51200,
+            "file_id": file_id, "file_unique_id": f"AQ{file_id[-8:]}",
+            "width": width, "height": height, "file_size": size,
         }]}
         if caption:
             content["caption"] = caption
