@@ -14,15 +14,19 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from core import analytics
+from core.analytics import Analytics, AnalyticsError
 from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
 from core.config import WebSettings
 from core.messages import Inbound, Kind, Reply, User
@@ -36,6 +40,43 @@ STATIC = Path(__file__).parent / "static"
 _SESSION = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _COMMANDS = {"start", "help", "human", "feedback"}
+MAX_OPERATOR_BODY = 64 * 1024
+MAX_JSON_DEPTH = 8
+_CSP = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data:; "
+        "style-src 'self'; script-src 'self'; form-action 'self'; frame-ancestors 'none'")
+
+
+def _json_error(exc: type[web.HTTPException], message: str) -> web.HTTPException:
+    return exc(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest, counted without parsing (so a hostile body
+    cannot exhaust the parser's recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def public_suggestion(suggestion: Any) -> dict[str, str]:
+    """What a customer's browser needs of a suggestion; internal fields (the recommender
+    arm) stay on the server."""
+    return {"id": suggestion.id, "title": suggestion.title, "url": suggestion.url}
 
 
 def ticket_json(ticket: TicketView) -> dict[str, Any]:
@@ -80,19 +121,41 @@ class _WebReply(ReplyStream):
         await self._adapter.broadcast(self._key, {"type": "abort", "reply": self._id})
 
 
+@dataclass(frozen=True, slots=True)
+class PostedReport:
+    summary: str
+    chart_png: bytes
+    posted_at: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"summary": self.summary, "posted_at": self.posted_at,
+                "chart": "/api/operator/report/latest.png", "bytes": len(self.chart_png)}
+
+
 class _WebOperators(OperatorChannel):
-    __slots__ = ("_sockets",)
+    __slots__ = ("_sockets", "latest_report")
 
     def __init__(self) -> None:
         self._sockets: set[web.WebSocketResponse] = set()
+        self.latest_report: PostedReport | None = None
 
-    async def _send(self, event: str, ticket: TicketView) -> None:
-        payload = {"type": event, "ticket": ticket_json(ticket)}
+    async def _push(self, payload: dict[str, Any]) -> None:
         for ws in list(self._sockets):
             try:
                 await ws.send_json(payload)
             except (ConnectionError, RuntimeError):
                 self._sockets.discard(ws)
+
+    async def _send(self, event: str, ticket: TicketView) -> None:
+        await self._push({"type": event, "ticket": ticket_json(ticket)})
+
+    async def post_report(self, summary: str, chart_png: bytes) -> None:
+        """Kept as the latest report (a console that opens later shows it) and pushed to
+        every open console."""
+        self.latest_report = PostedReport(
+            summary, chart_png, datetime.now(UTC).isoformat(timespec="seconds")
+        )
+        await self._push({"type": "report", "report": self.latest_report.as_json()})
 
     async def ticket_opened(self, ticket: TicketView) -> None:
         await self._send("ticket_opened", ticket)
@@ -106,21 +169,37 @@ class WebAdapter(Adapter, CustomerChannel):
 
     platform = PLATFORM
 
-    __slots__ = ("_operators", "_pipeline", "_runner", "_settings", "_sockets", "port", "token")
+    __slots__ = (
+        "_analytics", "_operators", "_pipeline", "_runner", "_settings", "_sockets", "port",
+        "ready", "token",
+    )
 
-    def __init__(self, settings: WebSettings, operator_token: str | None) -> None:
+    def __init__(
+        self, settings: WebSettings, operator_token: str | None, token_file: Path | None = None
+    ) -> None:
         self._settings = settings
         self.token = operator_token or secrets.token_urlsafe(18)
         if operator_token is None:
-            log.warning(
-                "%s is not set; operator token for this run: %s",
-                settings.operator_token_env, self.token,
-            )
+            # The token never goes into a log line: it is written to a file only its owner
+            # can read, and the log says where.
+            where = "not saved; set the variable"
+            if token_file is not None:
+                token_file.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    os.fchmod(fh.fileno(), 0o600)  # also when an older file was looser
+                    fh.write(self.token + "\n")
+                where = f"written to {token_file} (mode 600)"
+            log.warning("%s is not set; a token for this run was generated and %s",
+                        settings.operator_token_env, where)
         self._sockets: dict[str, set[web.WebSocketResponse]] = {}
         self._operators = _WebOperators()
         self._pipeline: Pipeline | None = None
         self._runner: web.AppRunner | None = None
+        self._analytics: Analytics | None = None
         self.port = settings.port
+        self.ready = False
+        """Set by the service once the pipeline runs with its models; ``/readyz`` says so."""
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -128,19 +207,26 @@ class WebAdapter(Adapter, CustomerChannel):
         app = web.Application(client_max_size=self._settings.max_ws_message_bytes)
         app.router.add_get("/", self._page("chat.html"))
         app.router.add_get("/operator", self._page("operator.html"))
+        app.router.add_get("/operator/analytics", self._page("analytics.html"))
         app.router.add_get("/healthz", self._health)
+        app.router.add_get("/readyz", self._ready)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/ws", self._customer_ws)
         app.router.add_get("/api/operator/ws", self._operator_ws)
         app.router.add_get("/api/operator/tickets", self._tickets)
         app.router.add_get("/api/operator/tickets/{id:\\d+}", self._ticket)
         app.router.add_get("/api/operator/tickets/{id:\\d+}/draft", self._draft)
+        app.router.add_get("/api/operator/tickets/{id:\\d+}/history", self._history)
+        app.router.add_get("/api/operator/analytics", self._analytics_data)
+        app.router.add_get("/api/operator/report/latest", self._latest_report)
+        app.router.add_get("/api/operator/report/latest.png", self._latest_report_png)
         app.router.add_post("/api/operator/tickets/{id:\\d+}/{action}", self._ticket_action)
         app.router.add_static("/static", STATIC)
         return app
 
     async def start(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
+        self._analytics = Analytics(pipeline.store.path)
         pipeline.attach(self)
         pipeline.operators.attach(self._operators)
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
@@ -160,6 +246,8 @@ class WebAdapter(Adapter, CustomerChannel):
             await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._analytics is not None:
+            await self._analytics.close()
 
     @property
     def pipeline(self) -> Pipeline:
@@ -184,7 +272,7 @@ class WebAdapter(Adapter, CustomerChannel):
             "reply": reply_id,
             "sender": reply.sender.value,
             "text": reply.text,
-            "suggestions": [asdict(s) for s in reply.suggestions],
+            "suggestions": [public_suggestion(s) for s in reply.suggestions],
             "citations": [asdict(c) for c in reply.citations],
         }
 
@@ -203,14 +291,23 @@ class WebAdapter(Adapter, CustomerChannel):
     def _page(name: str) -> Any:
         async def handler(request: web.Request) -> web.StreamResponse:
             return web.FileResponse(STATIC / name, headers={
-                "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:",
+                "Content-Security-Policy": _CSP,
                 "X-Content-Type-Options": "nosniff",
+                "X-Frame-Options": "DENY",
+                "Referrer-Policy": "no-referrer",
             })
 
         return handler
 
     async def _health(self, request: web.Request) -> web.Response:
+        """Liveness: the process answers."""
         return web.json_response({"ok": True})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        """Readiness: 200 only while the pipeline runs with its models loaded."""
+        if self.ready and self._pipeline is not None:
+            return web.json_response({"ready": True})
+        return web.json_response({"ready": False}, status=503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -320,6 +417,43 @@ class WebAdapter(Adapter, CustomerChannel):
         name = request.headers.get("X-Operator-Name", "").strip()[:60] or "operator"
         return Operator(PLATFORM, name, name)
 
+    async def _operator_body(self, request: web.Request) -> dict[str, Any]:
+        """A state-changing request's JSON object, refused unless it is one, small and flat.
+
+        The console authenticates with a bearer header, never a cookie, so a cross-site
+        form cannot act for an operator: it can send neither the header nor a JSON
+        content type (both are checked).
+        """
+        if request.content_type != "application/json":
+            raise _json_error(web.HTTPUnsupportedMediaType,
+                              "operator requests must be application/json")
+        size = request.content_length or 0
+        raw = b"" if size > MAX_OPERATOR_BODY else await request.content.read(
+            MAX_OPERATOR_BODY + 1)
+        if size > MAX_OPERATOR_BODY or len(raw) > MAX_OPERATOR_BODY:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=MAX_OPERATOR_BODY, actual_size=max(size, len(raw)),
+                text=json.dumps(
+                    {"error": f"the request body is larger than {MAX_OPERATOR_BODY} bytes"}),
+                content_type="application/json",
+            )
+        if not raw.strip():
+            return {}
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _json_error(web.HTTPBadRequest, "the body must be UTF-8 JSON") from None
+        if json_depth(text) > MAX_JSON_DEPTH:
+            raise _json_error(web.HTTPBadRequest,
+                              f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise _json_error(web.HTTPBadRequest, "body must be a JSON object")
+        return body
+
     async def _tickets(self, request: web.Request) -> web.Response:
         self._operator(request)
         tickets = await self.pipeline.operators.open_tickets()
@@ -358,19 +492,17 @@ class WebAdapter(Adapter, CustomerChannel):
         operator = self._operator(request)
         ticket_id = int(request.match_info["id"])
         action = request.match_info["action"]
-        try:
-            body = await request.json() if request.can_read_body else {}
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise web.HTTPBadRequest(text=json.dumps({"error": "body must be a JSON object"}),
-                                     content_type="application/json")
+        body = await self._operator_body(request)
         desk = self.pipeline.operators
         try:
             if action == "claim":
                 ticket = await desk.claim(ticket_id, operator)
             elif action == "reply":
-                await desk.reply(ticket_id, operator, str(body.get("text", "")))
+                text = body.get("text", "")
+                if not isinstance(text, str) or len(text) > 4000:
+                    raise _json_error(web.HTTPBadRequest,
+                                      "text must be a string of at most 4000 characters")
+                await desk.reply(ticket_id, operator, text)
                 ticket = await desk.get(ticket_id)
             elif action == "resolve":
                 ticket = await desk.resolve(ticket_id, operator, str(body.get("note", ""))[:1000])
@@ -383,13 +515,54 @@ class WebAdapter(Adapter, CustomerChannel):
             return web.json_response({"error": str(exc)}, status=409)
         return web.json_response({"ticket": ticket_json(ticket)})
 
+    async def _history(self, request: web.Request) -> web.Response:
+        self._operator(request)
+        try:
+            ticket = await self.pipeline.operators.get(int(request.match_info["id"]))
+        except OperatorError as exc:
+            raise _json_error(web.HTTPNotFound, str(exc)) from None
+        rows = await self.analytics.call(
+            lambda conn: analytics.customer_history(conn, ticket.conversation_id)
+        )
+        return web.json_response({"conversations": rows})
+
+    @property
+    def analytics(self) -> Analytics:
+        if self._analytics is None:
+            raise RuntimeError("web adapter not started")
+        return self._analytics
+
+    async def _analytics_data(self, request: web.Request) -> web.Response:
+        self._operator(request)
+        q = request.query
+        try:
+            r = analytics.parse_range(q.get("since"), q.get("start") or None,
+                                      q.get("end") or None)
+            data = await self.analytics.dashboard(r)
+        except AnalyticsError as exc:
+            raise _json_error(web.HTTPBadRequest, str(exc)) from None
+        return web.json_response(data)
+
+    async def _latest_report(self, request: web.Request) -> web.Response:
+        self._operator(request)
+        latest = self._operators.latest_report
+        return web.json_response({"report": latest.as_json() if latest else None})
+
+    async def _latest_report_png(self, request: web.Request) -> web.Response:
+        self._operator(request)
+        latest = self._operators.latest_report
+        if latest is None:
+            raise _json_error(web.HTTPNotFound, "no report has been posted yet")
+        return web.Response(body=latest.chart_png, content_type="image/png",
+                            headers={"Cache-Control": "no-store"})
+
     async def _operator_ws(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(heartbeat=30)
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=4096)
         await ws.prepare(request)
         try:
             first = await ws.receive_json(timeout=10)
             token = str(first.get("token", "")) if isinstance(first, dict) else ""
-        except (TimeoutError, TypeError, ValueError):
+        except (TimeoutError, TypeError, ValueError, RecursionError):
             token = ""
         if not token or not hmac.compare_digest(token.encode(), self.token.encode()):
             await ws.send_json({"type": "error", "error": "operator token required"})
@@ -398,6 +571,9 @@ class WebAdapter(Adapter, CustomerChannel):
         self._operators._sockets.add(ws)
         try:
             await ws.send_json({"type": "ready"})
+            if self._operators.latest_report is not None:
+                await ws.send_json({"type": "report",
+                                    "report": self._operators.latest_report.as_json()})
             async for _ in ws:
                 pass
         finally:

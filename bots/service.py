@@ -7,6 +7,8 @@ import logging
 import signal
 from pathlib import Path
 
+from core import report
+from core.analytics import Analytics, TimeRange, ensure_indexes
 from core.channels import Adapter
 from core.config import ConfigError, Settings
 from core.generation import Generator
@@ -82,7 +84,10 @@ def build_adapters(settings: Settings) -> list[Adapter]:
     if settings.web.enabled:
         from adapters.web import WebAdapter
 
-        adapters.append(WebAdapter(settings.web, settings.secret(settings.web.operator_token_env)))
+        adapters.append(WebAdapter(
+            settings.web, settings.secret(settings.web.operator_token_env),
+            token_file=Path(settings.service.data_dir) / "operator-token",
+        ))
     if settings.telegram.enabled:
         from adapters.telegram import TelegramAdapter
 
@@ -106,7 +111,8 @@ class Service:
     """The running service: start everything in order, stop it in reverse."""
 
     __slots__ = (
-        "adapters", "classifier", "generator", "pipeline", "recommender", "settings", "store",
+        "_reporter", "adapters", "classifier", "generator", "pipeline", "recommender",
+        "settings", "store",
     )
 
     def __init__(self, settings: Settings, adapters: list[Adapter] | None = None) -> None:
@@ -120,9 +126,15 @@ class Service:
         self.generator: Generator | None = None
         self.recommender: Recommender | None = None
         self.pipeline: Pipeline | None = None
+        self._reporter: asyncio.Task[None] | None = None
 
     async def start(self) -> Pipeline:
         await self.store.open()
+        # The analytics indexes, built before any traffic (on a large database the first
+        # build takes seconds, which would otherwise hold up the store's writes).
+        created = await asyncio.to_thread(ensure_indexes, self.store.path)
+        if created:
+            log.info("created analytics indexes: %s", ", ".join(created))
         # One model load at a time: transformers' meta-device loading is not thread-safe.
         self.generator = await build_generator(self.settings)
         await self.generator.start()
@@ -137,11 +149,50 @@ class Service:
             await adapter.start(self.pipeline)
         await self.pipeline.recover()
         self.pipeline.operators.start()
+        if self.settings.report.enabled:
+            self._reporter = asyncio.create_task(self._report_loop(), name="sentiment-report")
+        self._set_ready(True)
         return self.pipeline
+
+    def _set_ready(self, ready: bool) -> None:
+        """Tell adapters that serve a readiness probe (the web adapter's ``/readyz``)."""
+        for adapter in self.adapters:
+            if hasattr(adapter, "ready"):
+                adapter.ready = ready
+
+    async def post_report(self) -> report.Report:
+        """Build the sentiment report for the last period, write it to ``out_dir`` and post
+        it to every operator channel (one that fails is logged; the others still get it)."""
+        if self.pipeline is None:
+            raise RuntimeError("the service is not started")
+        settings = self.settings.report
+        reader = Analytics(self.store.path)
+        try:
+            r = TimeRange.last(settings.period_s)
+            built = await reader.call(lambda conn: report.build(conn, r))
+        finally:
+            await reader.close()
+        png, _ = await asyncio.to_thread(report.write, built, settings.out_dir)
+        posted = await self.pipeline.operators.post_report(built.summary, built.chart_png)
+        log.info("sentiment report %s posted to %d operator channel(s)", png.name, posted)
+        return built
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.report.every_s)
+            try:
+                await self.post_report()
+            except Exception:
+                log.exception("the sentiment report failed; next try in %.0f s",
+                              self.settings.report.every_s)
 
     async def stop(self) -> None:
         """In-flight replies finish first (new events are still committed, and answered
         after the next start); then the platforms disconnect."""
+        self._set_ready(False)
+        if self._reporter is not None:
+            self._reporter.cancel()
+            await asyncio.gather(self._reporter, return_exceptions=True)
         if self.pipeline is not None:
             await self.pipeline.close(self.settings.service.shutdown_grace_s)
         for adapter in self.adapters:

@@ -132,6 +132,20 @@ class OperatorDesk:
             except Exception:
                 log.exception("operator channel %s failed on %s", type(channel).__name__, method)
 
+    async def post_report(self, summary: str, chart_png: bytes) -> int:
+        """The periodic report into every attached channel; one that fails is logged and
+        the others still get it. Returns how many channels took it."""
+        posted = 0
+        for channel in list(self._channels):
+            try:
+                await channel.post_report(summary, chart_png)
+            except Exception:
+                log.exception("operator channel %s could not post the report",
+                              type(channel).__name__)
+            else:
+                posted += 1
+        return posted
+
     # -- operator actions ------------------------------------------------------------
 
     async def _active(self, ticket_id: int, *states: str) -> dict:

@@ -71,3 +71,197 @@ async def web_service(tmp_path: Path) -> AsyncIterator[Any]:
         yield service
     finally:
         await service.stop()
+
+
+class ScriptedDraftGenerator:
+    """A generator that answers with a fixed text: for tests of the operator desk, where
+    the bot's wording is not what is checked (and a real model would cost a load)."""
+
+    def __init__(self, answer: str = "Here is what I found about your order.") -> None:
+        self.answer = answer
+        self.calls = 0
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def count_tokens(self, text: str) -> int:
+        return len(text) // 4 + 1
+
+    async def stream(self, messages: Any, params: Any) -> AsyncIterator[str]:
+        self.calls += 1
+        for word in self.answer.split(" "):
+            yield word + " "
+
+
+class Desk:
+    """The web adapter on a real pipeline: real SQLite store, real sentiment model, a
+    scripted generator (no language model is loaded)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from adapters.web import WebAdapter
+        from core.sentiment import build_classifier
+        from core.store import SQLiteStore
+
+        s = settings.sentiment
+        self.settings = settings
+        self.store = SQLiteStore(settings.store.path)
+        self.classifier = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
+        self.generator = ScriptedDraftGenerator()
+        self.web = WebAdapter(settings.web, OPERATOR_TOKEN)
+        self.pipeline: Any = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.web.port}"
+
+    async def start(self) -> Desk:
+        from core.pipeline import Pipeline
+
+        await self.store.open()
+        await self.classifier.start()
+        self.pipeline = Pipeline(self.settings, self.store, self.classifier, self.generator)
+        await self.web.start(self.pipeline)
+        self.pipeline.operators.start()
+        self.web.ready = True
+        return self
+
+    async def stop(self) -> None:
+        self.web.ready = False
+        await self.pipeline.close(2.0)
+        await self.pipeline.operators.stop()
+        await self.web.stop()
+        await self.classifier.close()
+        await self.store.close()
+
+
+@pytest.fixture
+async def desk(tmp_path: Path) -> AsyncIterator[Desk]:
+    """The operator desk over the web adapter, without the language model."""
+    settings = make_settings(
+        tmp_path, grounding={"enabled": False}, recommender={"enabled": False}
+    )
+    running = await Desk(settings).start()
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+# -- seeded history for analytics and reports -----------------------------------------------
+
+# (hours before now, label, p_negative, text): the last 24 hours, then the 24 before.
+SEEDED_MESSAGES = (
+    (1.5, "negative", 0.93, "Where is my refund? This is awful."),
+    (2.5, "negative", 0.88, "The refund is late and nobody answers"),
+    (3.5, "neutral", 0.20, "How do I change my delivery address"),
+    (5.5, "negative", 0.95, "My refund still has not arrived, write to jo@example.com"),
+    (6.5, "positive", 0.03, "Thanks, the replacement arrived today"),
+    (8.5, "neutral", 0.25, "What is the status of my order"),
+    (10.5, "negative", 0.79, "The parcel came broken"),
+    (12.5, "positive", 0.05, "Great help with the return label"),
+    (16.5, "neutral", 0.30, "Can I pay with a gift card"),
+    (20.5, "positive", 0.04, "Thank you, all sorted"),
+    (26.5, "negative", 0.90, "Still waiting for my parcel"),
+    (30.5, "neutral", 0.20, "Do you ship abroad"),
+    (34.5, "neutral", 0.22, "How long does delivery take"),
+    (40.5, "positive", 0.04, "Lovely service"),
+    (44.5, "positive", 0.06, "Thanks a lot"),
+)
+SEEDED = {
+    "messages": 10, "negative": 4, "neutral": 3, "positive": 3,
+    "previous_messages": 5, "previous_negative": 1,
+    "escalations": 2, "previous_escalations": 1,
+    "reasons": {"negative_sentiment": 1, "customer_requested": 1},
+    "replies": 7, "failed": 1, "latency_ms_mean": 3000.0,
+    "shown": {"refund-policy": 4, "track-order": 2}, "clicked": {"refund-policy": 1,
+                                                                 "track-order": 1},
+    "feedback": {"positive": 2, "negative": 1, "other": 1},
+    "first_response_min": 5.0, "resolution_min": 30.0,
+}
+
+
+async def seed_history(path: Path, now: Any) -> None:
+    """Write a known day of traffic (and the day before) into a store's database.
+
+    The schema comes from the store's own migrations; rows are written directly because
+    the store stamps everything with the current time.
+    """
+    from core.store import SQLiteStore
+
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    await asyncio.to_thread(_seed, path, now)
+
+
+def _seed(path: Path, now: Any) -> None:
+    import sqlite3
+    from datetime import timedelta
+
+    def at(hours: float) -> str:
+        return (now - timedelta(hours=hours)).isoformat(timespec="milliseconds")
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO users (id, platform, platform_user_id, display_name, created_at) "
+                 "VALUES (901, 'telegram', '4242', 'Seeded Sam', ?)", (at(47),))
+    for conv, hours in ((901, 46.0), (902, 21.0), (903, 11.0)):
+        conn.execute(
+            "INSERT INTO conversations (id, platform, conversation_key, user_id, state, "
+            "created_at, updated_at) VALUES (?, 'telegram', ?, 901, 'bot', ?, ?)",
+            (conv, f"seeded-{conv}", at(hours), at(hours)),
+        )
+    for i, (hours, label, p_neg, text) in enumerate(reversed(SEEDED_MESSAGES)):  # oldest first
+        conv = 901 if hours > 24 else (902 if hours > 11 else 903)
+        mid = 9000 + i
+        conn.execute(
+            "INSERT INTO messages (id, conversation_id, direction, sender, platform, "
+            "platform_message_id, kind, text, status, created_at, sentiment, p_negative) "
+            "VALUES (?, ?, 'in', 'customer', 'telegram', ?, 'text', ?, 'answered', ?, ?, ?)",
+            (mid, conv, f"seed-{mid}", text, at(hours), label, p_neg),
+        )
+        conn.execute(
+            "INSERT INTO events (ts, type, user_id, conversation_id, message_id, value, data) "
+            "VALUES (?, 'message', 901, ?, ?, ?, '{}')", (at(hours), conv, mid, label),
+        )
+    replies = [(1.4, "sent", 1000, None), (2.4, "sent", 2000, None), (3.4, "sent", 3000, None),
+               (6.4, "sent", 4000, None), (8.4, "sent", 5000, None),
+               (12.4, "failed", 900, "timeout"), (16.4, "failed", 500, "handed to an operator")]
+    for j, (hours, status, latency, error) in enumerate(replies):
+        conn.execute(
+            "INSERT INTO messages (id, conversation_id, direction, sender, platform, kind, text, "
+            "status, created_at, latency_ms, first_token_ms, error) VALUES "
+            "(?, 903, 'out', 'bot', 'telegram', 'text', 'ok', ?, ?, ?, ?, ?)",
+            (9500 + j, status, at(hours), latency, latency / 10, error),
+        )
+    events = [
+        (5.4, "escalated", "negative_sentiment", None), (2.0, "escalated", "customer_requested",
+                                                         None),
+        (27.0, "escalated", "customer_requested", None),
+        *[(h, "suggestion_shown", None, "refund-policy") for h in (1.4, 2.4, 3.4, 6.4)],
+        *[(h, "suggestion_shown", None, "track-order") for h in (8.4, 12.4)],
+        (1.3, "suggestion_clicked", None, "refund-policy"),
+        (8.3, "suggestion_clicked", None, "track-order"),
+        (30.0, "suggestion_shown", None, "refund-policy"),
+        (4.0, "feedback", "👍", None), (7.0, "feedback", "👍", None),
+        (9.0, "feedback", "👎", None), (11.0, "feedback", "nice bot", None),
+    ]
+    for hours, type_, value, item in events:
+        conn.execute(
+            "INSERT INTO events (ts, type, user_id, conversation_id, item_id, value, data) "
+            "VALUES (?, ?, 901, 903, ?, ?, '{}')", (at(hours), type_, item, value),
+        )
+    conn.execute(
+        "INSERT INTO tickets (conversation_id, state, reason, created_at, announced_at, "
+        "claimed_by, claimed_at, first_response_at, closed_at) VALUES "
+        "(903, 'resolved', 'negative_sentiment', ?, ?, 'web:Dana', ?, ?, ?)",
+        (at(5.4), at(5.4), at(5.4 - 5 / 60), at(5.4 - 5 / 60), at(5.4 - 30 / 60)),
+    )
+    conn.execute(
+        "INSERT INTO tickets (conversation_id, state, reason, created_at, announced_at) "
+        "VALUES (902, 'handed_back', 'customer_requested', ?, ?)", (at(2.0), at(2.0)),
+    )
+    conn.execute("COMMIT")
+    conn.close()
+

@@ -1,9 +1,12 @@
 "use strict";
-// Operator console: REST for actions, a WebSocket for live queue updates.
+// Operator console: REST for actions, a WebSocket for live queue updates and reports.
+// The token travels only in the Authorization header (never a cookie), so another site
+// cannot make the browser act for an operator.
 (function () {
   let token = sessionStorage.getItem("supportbot.token") || "";
   let name = sessionStorage.getItem("supportbot.name") || "";
   let current = null;
+  let reportUrl = null;
   const $ = id => document.getElementById(id);
 
   async function api(path, body) {
@@ -19,6 +22,31 @@
 
   function reasonText(r) { return r.replace(/_/g, " "); }
 
+  function waited(seconds) {
+    const s = Math.max(0, Math.round(seconds));
+    if (s < 60) return `${s} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+    return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  }
+
+  // A small bar per recent customer message: taller and redder is more negative.
+  function spark(box, values) {
+    box.replaceChildren();
+    box.title = values.length ? "negative: " + values.map(p => p.toFixed(2)).join(" → ") : "no scored messages";
+    for (const p of values) {
+      const bar = document.createElement("span");
+      bar.className = "bar" + (p >= 0.75 ? " hot" : p >= 0.4 ? " warm" : "");
+      bar.style.height = `${Math.max(8, Math.round(p * 100))}%`;
+      box.appendChild(bar);
+    }
+  }
+
+  function tick() {
+    for (const el of document.querySelectorAll("#tickets .waiting")) {
+      el.textContent = "waiting " + waited((Date.now() - Number(el.dataset.since)) / 1000);
+    }
+  }
+
   async function refreshQueue() {
     const data = await api("/api/operator/tickets");
     const list = $("tickets");
@@ -31,22 +59,35 @@
       const title = document.createElement("strong");
       title.textContent = `#${t.id} ${t.customer} (${t.platform})`;
       const meta = document.createElement("span");
-      meta.textContent = ` ${reasonText(t.reason)} · ${t.state}${t.claimed_by ? " by " + t.claimed_by : ""} · waiting ${Math.round(t.waiting_s)} s`;
+      meta.className = "meta";
+      meta.textContent = ` ${reasonText(t.reason)} · ${t.state}${t.claimed_by ? " by " + t.claimed_by : ""} · `;
+      const wait = document.createElement("span");
+      wait.className = "waiting";
+      wait.dataset.since = String(Date.now() - t.waiting_s * 1000);
+      wait.textContent = "waiting " + waited(t.waiting_s);
+      meta.appendChild(wait);
+      const trend = document.createElement("span");
+      trend.className = "spark";
+      spark(trend, t.sentiment_trend);
       const last = document.createElement("div");
       last.className = "last";
       last.textContent = t.last_customer_text;
-      li.append(title, meta, last);
+      li.append(title, meta, trend, last);
       li.addEventListener("click", () => open(t.id));
+      if (current && current.id === t.id) li.classList.add("selected");
       list.appendChild(li);
     }
   }
 
   async function open(id) {
     const data = await api(`/api/operator/tickets/${id}`);
+    const switched = !current || current.id !== id;
     current = data.ticket;
     $("detail").hidden = false;
     $("ticket-title").textContent = `Ticket #${current.id}: ${current.customer}`;
     $("ticket-meta").textContent = `Reason: ${reasonText(current.reason)} · state: ${current.state} · negative trend: ${current.sentiment_trend.map(p => p.toFixed(2)).join(" → ")}`;
+    spark($("trend"), current.sentiment_trend);
+    if (switched) $("reply").value = "";
     const box = $("transcript");
     box.replaceChildren();
     for (const line of data.transcript) {
@@ -69,6 +110,26 @@
       box.appendChild(row);
     }
     box.scrollTop = box.scrollHeight;
+    history(id).catch(() => {});
+  }
+
+  async function history(id) {
+    const data = await api(`/api/operator/tickets/${id}/history`);
+    const list = $("history");
+    list.replaceChildren();
+    for (const c of data.conversations) {
+      const li = document.createElement("li");
+      li.className = "conversation" + (c.current ? " current" : "");
+      const neg = c.mean_negative == null ? "–" : c.mean_negative.toFixed(2);
+      li.textContent = `${c.created_at.slice(0, 16).replace("T", " ")} · ${c.platform} · ${c.messages} messages · mean negative ${neg} · ${c.tickets} ticket(s)${c.reasons ? " (" + reasonText(c.reasons) + ")" : ""}${c.current ? " · this conversation" : ""}`;
+      if (c.last_text) {
+        const last = document.createElement("div");
+        last.className = "last";
+        last.textContent = c.last_text;
+        li.appendChild(last);
+      }
+      list.appendChild(li);
+    }
   }
 
   async function act(action, body) {
@@ -80,6 +141,39 @@
     } catch (e) { $("action-error").textContent = e.message; }
   }
 
+  async function draft() {
+    $("action-error").textContent = "";
+    const button = $("draft");
+    button.disabled = true;
+    button.textContent = "Drafting…";
+    try {
+      const data = await api(`/api/operator/tickets/${current.id}/draft`);
+      $("reply").value = data.draft;
+      $("reply").focus();
+    } catch (e) { $("action-error").textContent = e.message; }
+    button.disabled = false;
+    button.textContent = "Draft with the bot";
+  }
+
+  async function showReport(report) {
+    if (!report) return;
+    $("report").hidden = false;
+    $("report-at").textContent = report.posted_at.replace("T", " ");
+    $("report-summary").textContent = report.summary;
+    const res = await fetch(report.chart, { headers: { "Authorization": "Bearer " + token } });
+    if (!res.ok) return;
+    if (reportUrl) URL.revokeObjectURL(reportUrl);
+    reportUrl = URL.createObjectURL(await res.blob());
+    let img = $("report-chart");
+    if (!img) {  // made only when there is a report: the page has no images otherwise
+      img = document.createElement("img");
+      img.id = "report-chart";
+      img.alt = "Sentiment report chart";
+      $("report-chart-box").appendChild(img);
+    }
+    img.src = reportUrl;
+  }
+
   function live() {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     const ws = new WebSocket(`${proto}//${location.host}/api/operator/ws`);
@@ -89,6 +183,8 @@
       if (f.type === "ticket_opened" || f.type === "ticket_updated") {
         refreshQueue();
         if (current && f.ticket.id === current.id) open(current.id);
+      } else if (f.type === "report") {
+        showReport(f.report);
       }
     };
     ws.onclose = () => setTimeout(live, 2000);
@@ -105,7 +201,9 @@
     $("console").hidden = false;
     $("who").textContent = name;
     live();
+    api("/api/operator/report/latest").then(d => showReport(d.report)).catch(() => {});
     setInterval(() => refreshQueue().catch(() => {}), 10000);
+    setInterval(tick, 1000);
   }
 
   $("login").addEventListener("submit", ev => {
@@ -123,6 +221,7 @@
     $("reply").value = "";
     act("reply", { text });
   });
+  $("draft").addEventListener("click", draft);
   $("claim").addEventListener("click", () => act("claim"));
   $("handback").addEventListener("click", () => act("handback"));
   $("resolve").addEventListener("click", () => act("resolve", { note: "" }));

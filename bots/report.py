@@ -1,0 +1,48 @@
+"""Write the sentiment report (a PNG chart and a text summary) for a recent period.
+
+``supportbot report --since 24h`` reads the store named in the config (or ``--db``) on a
+read-only connection, so it can run beside the service, and writes
+``sentiment-<end>.png`` and ``.txt`` into ``[report] out_dir`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from core import analytics, report
+from core.config import load_settings
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="config.toml", help="path of config.toml")
+    parser.add_argument("--since", default="24h",
+                        help="the period, back from --until: 90m, 24h, 7d (default 24h)")
+    parser.add_argument("--until", default=None,
+                        help="end of the period, ISO date-time in UTC (default: now)")
+    parser.add_argument("--db", type=Path, default=None,
+                        help="the store's SQLite file (default: [store] path)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the PNG and the summary (default: [report] out_dir)")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    db = args.db or Path(settings.store.path)
+    out = args.out or Path(settings.report.out_dir)
+    try:
+        r = analytics.parse_range(args.since, end=args.until)
+        conn = analytics.connect_readonly(db)
+        analytics.ensure_indexes(db)
+    except analytics.AnalyticsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        built = report.build(conn, r)
+    finally:
+        conn.close()
+    png, txt = report.write(built, out)
+    print(built.summary)
+    print(f"\nchart: {png}\nsummary: {txt}")
+    return 0
