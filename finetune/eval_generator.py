@@ -31,6 +31,7 @@ from finetune.generator import (
     resolve_base,
     resolve_device,
 )
+from finetune.tool import run_module
 
 _WORD = re.compile(r"\{\{[^{}]*\}\}|\w+(?:'\w+)?")
 _PLACEHOLDER = re.compile(r"\{\{[^{}]+\}\}")
@@ -360,7 +361,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m finetune.eval_generator")
-    configure(_parser)
-    sys.exit(run(_parser.parse_args()))
+run_module(__name__)

@@ -20,6 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from finetune import tool
+from finetune.tool import run_module
+
 FORMATS = ("csv", "parquet")
 COLUMNS = (
     "id", "ts", "type", "platform", "user_id", "conversation_id", "message_id", "item_id",
@@ -221,14 +224,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="supportbot export events", description=__doc__.splitlines()[0] if __doc__ else None
-    )
-    configure(parser)
-    return run(parser.parse_args(argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    return tool.main(sys.modules[__name__], argv)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
+run_module(__name__)

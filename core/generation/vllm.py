@@ -327,6 +327,20 @@ class VLLMGenerator:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    def _begin(self, messages: Sequence[ChatMessage], params: GenerationParams,
+               stream: bool) -> tuple[dict[str, Any], float]:
+        """The request body and its deadline, once the breaker lets a request through.
+
+        Both paths start here, so an open circuit fails them alike, before any connection.
+        """
+        self._require_session()
+        try:
+            self._breaker.acquire()
+        except CircuitOpen as exc:
+            raise GenerationError(str(exc)) from None
+        deadline = asyncio.get_running_loop().time() + self._settings.timeout_s
+        return self._body(messages, params, stream), deadline
+
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self._backoff_max_s * 4)
@@ -379,14 +393,7 @@ class VLLMGenerator:
     async def _stream(
         self, messages: Sequence[ChatMessage], params: GenerationParams, out: ChatStream
     ) -> AsyncIterator[str]:
-        self._require_session()
-        try:
-            self._breaker.acquire()
-        except CircuitOpen as exc:
-            raise GenerationError(str(exc)) from None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.timeout_s
-        body = self._body(messages, params, stream=True)
+        body, deadline = self._begin(messages, params, stream=True)
         outcome = "released"
         resp: aiohttp.ClientResponse | None = None
         events: AsyncIterator[Any] | None = None
@@ -545,14 +552,7 @@ class VLLMGenerator:
         """One whole reply without streaming; retried as a whole (nothing was shown yet).
 
         Only the whole-reply timeout applies: there is no first token to wait for."""
-        self._require_session()
-        try:
-            self._breaker.acquire()
-        except CircuitOpen as exc:
-            raise GenerationError(str(exc)) from None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.timeout_s
-        body = self._body(messages, params, stream=False)
+        body, deadline = self._begin(messages, params, stream=False)
 
         async def attempt() -> dict[str, Any]:
             async with asyncio.timeout_at(deadline):
