@@ -410,10 +410,7 @@ class WebAdapter(Adapter, CustomerChannel):
         header = request.headers.get("Authorization", "")
         token = header.removeprefix("Bearer ").strip()
         if not token or not hmac.compare_digest(token.encode(), self.token.encode()):
-            raise web.HTTPUnauthorized(
-                text=json.dumps({"error": "operator token required"}),
-                content_type="application/json",
-            )
+            raise _json_error(web.HTTPUnauthorized, "operator token required")
         name = request.headers.get("X-Operator-Name", "").strip()[:60] or "operator"
         return Operator(PLATFORM, name, name)
 
@@ -464,8 +461,7 @@ class WebAdapter(Adapter, CustomerChannel):
         try:
             ticket = await self.pipeline.operators.get(int(request.match_info["id"]))
         except OperatorError as exc:
-            raise web.HTTPNotFound(text=json.dumps({"error": str(exc)}),
-                                   content_type="application/json") from None
+            raise _json_error(web.HTTPNotFound, str(exc)) from None
         lines = await self.pipeline.store.transcript(ticket.conversation_id)
         return web.json_response({
             "ticket": ticket_json(ticket),
@@ -509,10 +505,17 @@ class WebAdapter(Adapter, CustomerChannel):
             elif action == "handback":
                 ticket = await desk.hand_back(ticket_id, operator)
             else:
-                raise web.HTTPNotFound(text=json.dumps({"error": f"no action {action!r}"}),
-                                       content_type="application/json")
+                raise _json_error(web.HTTPNotFound, f"no action {action!r}")
         except OperatorError as exc:
             return web.json_response({"error": str(exc)}, status=409)
+        except web.HTTPException:
+            raise
+        except Exception as exc:
+            # The desk could not deliver or record it (the platform or the store failed):
+            # the console keeps the operator's text and says what went wrong.
+            log.exception("operator %s on ticket %d failed", action, ticket_id)
+            return web.json_response(
+                {"error": f"{action} failed: {type(exc).__name__}: {exc}"}, status=502)
         return web.json_response({"ticket": ticket_json(ticket)})
 
     async def _history(self, request: web.Request) -> web.Response:

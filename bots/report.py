@@ -2,12 +2,16 @@
 
 ``supportbot report --since 24h`` reads the store named in the config (or ``--db``) on a
 read-only connection, so it can run beside the service, and writes
-``sentiment-<end>.png`` and ``.txt`` into ``[report] out_dir`` (or ``--out``).
+``sentiment-<end>.png`` and ``.txt`` into ``[report] out_dir`` (or ``--out``). It never
+writes to the database: the analytics indexes are the service's to create (a CREATE INDEX
+here could hold the write lock for seconds beside a running service); without them the
+queries are slower, not wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -20,7 +24,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", default="24h",
                         help="the period, back from --until: 90m, 24h, 7d (default 24h)")
     parser.add_argument("--until", default=None,
-                        help="end of the period, ISO date-time in UTC (default: now)")
+                        help="end of the period, ISO date-time; UTC unless it names a zone "
+                        "(default: now)")
     parser.add_argument("--db", type=Path, default=None,
                         help="the store's SQLite file (default: [store] path)")
     parser.add_argument("--out", type=Path, default=None,
@@ -34,15 +39,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         r = analytics.parse_range(args.since, end=args.until)
         conn = analytics.connect_readonly(db)
-        analytics.ensure_indexes(db)
     except analytics.AnalyticsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         built = report.build(conn, r)
+    except sqlite3.Error as exc:
+        print(f"error: {db}: {exc}", file=sys.stderr)
+        return 2
     finally:
         conn.close()
-    png, txt = report.write(built, out)
+    try:
+        png, txt = report.write(built, out)
+    except OSError as exc:
+        print(f"error: cannot write the report into {out}: {exc}", file=sys.stderr)
+        return 2
     print(built.summary)
     print(f"\nchart: {png}\nsummary: {txt}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from pathlib import Path
 
 from core import report
@@ -107,11 +108,23 @@ def build_adapters(settings: Settings) -> list[Adapter]:
     return adapters
 
 
+def next_report_delay(out_dir: str | Path, every_s: float, now: float | None = None) -> float:
+    """Seconds until the next scheduled report: ``every_s`` after the newest report file in
+    ``out_dir`` (0 when that is past or there is none), so a service restarted more often
+    than ``every_s`` still posts on time."""
+    files = Path(out_dir).glob("sentiment-*.txt") if Path(out_dir).is_dir() else ()
+    newest = max((f.stat().st_mtime for f in files), default=None)
+    if newest is None:
+        return 0.0
+    now = time.time() if now is None else now
+    return max(0.0, newest + every_s - now)
+
+
 class Service:
     """The running service: start everything in order, stop it in reverse."""
 
     __slots__ = (
-        "_reporter", "adapters", "classifier", "generator", "pipeline", "recommender",
+        "_analytics", "_reporter", "adapters", "classifier", "generator", "pipeline", "recommender",
         "settings", "store",
     )
 
@@ -127,6 +140,7 @@ class Service:
         self.recommender: Recommender | None = None
         self.pipeline: Pipeline | None = None
         self._reporter: asyncio.Task[None] | None = None
+        self._analytics: Analytics | None = None
 
     async def start(self) -> Pipeline:
         await self.store.open()
@@ -135,6 +149,7 @@ class Service:
         created = await asyncio.to_thread(ensure_indexes, self.store.path)
         if created:
             log.info("created analytics indexes: %s", ", ".join(created))
+        self._analytics = Analytics(self.store.path)
         # One model load at a time: transformers' meta-device loading is not thread-safe.
         self.generator = await build_generator(self.settings)
         await self.generator.start()
@@ -161,25 +176,30 @@ class Service:
                 adapter.ready = ready
 
     async def post_report(self) -> report.Report:
-        """Build the sentiment report for the last period, write it to ``out_dir`` and post
-        it to every operator channel (one that fails is logged; the others still get it)."""
-        if self.pipeline is None:
+        """Build the sentiment report for the last period, post it to every operator channel
+        (one that fails is logged; the others still get it), then write it to ``out_dir``
+        (a disk error is logged and keeps no channel from getting it)."""
+        if self.pipeline is None or self._analytics is None:
             raise RuntimeError("the service is not started")
         settings = self.settings.report
-        reader = Analytics(self.store.path)
-        try:
-            r = TimeRange.last(settings.period_s)
-            built = await reader.call(lambda conn: report.build(conn, r))
-        finally:
-            await reader.close()
-        png, _ = await asyncio.to_thread(report.write, built, settings.out_dir)
+        r = TimeRange.last(settings.period_s)
+        built = await self._analytics.call(lambda conn: report.build(conn, r))
         posted = await self.pipeline.operators.post_report(built.summary, built.chart_png)
-        log.info("sentiment report %s posted to %d operator channel(s)", png.name, posted)
+        log.info("sentiment report up to %s posted to %d operator channel(s)",
+                 f"{r.end:%Y-%m-%d %H:%M} UTC", posted)
+        try:
+            await asyncio.to_thread(report.write, built, settings.out_dir)
+        except OSError as exc:
+            log.error("could not write the sentiment report into %s: %s", settings.out_dir, exc)
         return built
 
     async def _report_loop(self) -> None:
+        every = self.settings.report.every_s
+        delay = await asyncio.to_thread(next_report_delay, self.settings.report.out_dir, every)
+        log.info("next sentiment report in %.0f s", delay)
         while True:
-            await asyncio.sleep(self.settings.report.every_s)
+            await asyncio.sleep(delay)
+            delay = every
             try:
                 await self.post_report()
             except Exception:
@@ -206,6 +226,8 @@ class Service:
         if close is not None:
             await close()
         await self.classifier.close()
+        if self._analytics is not None:
+            await self._analytics.close()
         await self.store.close()
 
     async def run_until_signalled(self) -> None:

@@ -10,6 +10,7 @@ million events stays an index-only scan.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import sqlite3
 import time
@@ -80,6 +81,11 @@ class TimeRange:
     start: datetime
     end: datetime
 
+    def __post_init__(self) -> None:
+        # Labels, titles and file names say UTC: a caller's zone (or none) becomes UTC here.
+        for name in ("start", "end"):
+            object.__setattr__(self, name, as_utc(getattr(self, name)))
+
     @property
     def bucket(self) -> Bucket:
         return "hour" if self.end - self.start <= timedelta(days=2) else "day"
@@ -114,6 +120,11 @@ class TimeRange:
         return cls(end - timedelta(seconds=seconds), end)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """The same instant in UTC; a naive time is taken to be UTC already."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 def iso(moment: datetime) -> str:
     """The store's timestamp form, so ranges compare as strings."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")
@@ -132,14 +143,14 @@ def parse_duration(text: str, name: str = "duration") -> float:
 
 
 def parse_moment(text: str, name: str) -> datetime:
-    """An ISO date or date-time; UTC unless it has a zone."""
+    """An ISO date or date-time, in UTC (one with another zone is converted)."""
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise AnalyticsError(
             f"{name} '{text}' is not an ISO date or date-time (e.g. 2024-05-01T12:00)"
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return as_utc(moment)
 
 
 def parse_range(
@@ -259,7 +270,8 @@ def sentiment(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
 
 
 def escalations(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
-    """Escalations by reason, and per bucket as a share of the conversations started."""
+    """Escalations by reason, and per bucket the share of the conversations started there
+    that escalated in the range (each conversation counted once, so never above 100%)."""
     rows = conn.execute(
         f"SELECT substr(ts, 1, {r.width}) AS b, value, COUNT(*) FROM events "
         "WHERE type = 'escalated' AND ts >= ? AND ts < ? GROUP BY b, value",
@@ -270,6 +282,14 @@ def escalations(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
         "WHERE created_at >= ? AND created_at < ? GROUP BY b",
         r.bounds,
     ).fetchall())
+    # The escalated conversations of the range as a set first (events has no index on
+    # conversation_id, so a join driven from conversations would scan it per row).
+    escalated = dict(conn.execute(
+        f"SELECT substr(created_at, 1, {r.width}) AS b, COUNT(*) FROM conversations "
+        "WHERE created_at >= ? AND created_at < ? AND id IN (SELECT conversation_id "
+        "FROM events WHERE type = 'escalated' AND ts >= ? AND ts < ?) GROUP BY b",
+        (*r.bounds, *r.bounds),
+    ).fetchall())
     per_bucket: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     for bucket, reason, n in rows:
@@ -278,40 +298,50 @@ def escalations(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
     labels = r.labels()
     counts = _series(labels, per_bucket)
     conversations = _series(labels, started)
+    escalated_started = _series(labels, escalated)
     total, total_started = sum(counts), sum(conversations)
+    total_escalated = sum(escalated_started)
     return {
         "labels": labels,
         "count": counts,
         "conversations": conversations,
-        "rate": [round(e / c, 4) if c else None for e, c in zip(counts, conversations,
-                                                                 strict=True)],
+        "escalated_conversations": escalated_started,
+        "rate": [round(e / c, 4) if c else None
+                 for e, c in zip(escalated_started, conversations, strict=True)],
         "reasons": dict(reasons.most_common()),
         "total": total,
         "conversations_total": total_started,
-        "rate_total": total / total_started if total_started else 0.0,
+        "escalated_conversations_total": total_escalated,
+        "rate_total": total_escalated / total_started if total_started else 0.0,
     }
 
 
 def _percentile(values: list[float], q: float) -> float | None:
+    """Nearest rank: the smallest value with at least ``q`` of the values at or below it."""
     if not values:
         return None
     values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+    return values[max(0, math.ceil(q * len(values)) - 1)]
 
 
 def operators(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
-    """Minutes to the first operator reply and to resolution, for tickets opened in range."""
+    """Minutes to the first operator reply and to resolution, for tickets opened in range;
+    and the tickets nobody has answered yet (medians alone would hide them)."""
+    now = min(r.end, datetime.now(UTC))
     rows = conn.execute(
         f"SELECT substr(created_at, 1, {r.width}), "
         "(julianday(first_response_at) - julianday(created_at)) * 1440, "
         "CASE WHEN state = 'resolved' THEN "
-        "(julianday(closed_at) - julianday(created_at)) * 1440 END "
+        "(julianday(closed_at) - julianday(created_at)) * 1440 END, "
+        "CASE WHEN first_response_at IS NULL AND state IN ('open', 'claimed') THEN "
+        "(julianday(?) - julianday(created_at)) * 1440 END "
         "FROM tickets WHERE created_at >= ? AND created_at < ?",
-        r.bounds,
+        (iso(now), *r.bounds),
     ).fetchall()
     first: dict[str, list[float]] = {}
     resolve: dict[str, list[float]] = {}
-    for bucket, to_first, to_resolve in rows:
+    waits = [row[3] for row in rows if row[3] is not None]
+    for bucket, to_first, to_resolve, _ in rows:
         if to_first is not None:
             first.setdefault(bucket, []).append(to_first)
         if to_resolve is not None:
@@ -330,6 +360,8 @@ def operators(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
         "tickets": len(rows),
         "answered": len(all_first),
         "resolved": len(all_resolve),
+        "unanswered": len(waits),
+        "oldest_wait_min": _round(max(waits)) if waits else None,
         "first_response_min": {"p50": _round(_percentile(all_first, 0.5)),
                                "p90": _round(_percentile(all_first, 0.9))},
         "resolution_min": {"p50": _round(_percentile(all_resolve, 0.5)),
@@ -431,10 +463,14 @@ def terms(text: str) -> set[str]:
 
 def topics(
     conn: sqlite3.Connection, r: TimeRange, limit: int = 10, *, negative_only: bool = False,
-    sample: int = TOPIC_SAMPLE,
+    sample: int = TOPIC_SAMPLE, redact: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
     """The words customers use most (in their latest ``sample`` messages of the range),
-    with how often a message using them was negative and the most negative example."""
+    with how often a message using them was negative and the most negative example.
+
+    ``redact`` runs on the whole example before it is cut to 200 characters, so a cut
+    cannot leave half an e-mail address that the redaction no longer recognises.
+    """
     where = " AND sentiment = 'negative'" if negative_only else ""
     rows = conn.execute(
         "SELECT text, sentiment, p_negative FROM messages"
@@ -458,7 +494,7 @@ def topics(
         "sampled": len(rows),
         "topics": [
             {"term": term, "messages": n, "share_negative": round(negative[term] / n, 3),
-             "example": example[term][1][:200]}
+             "example": (redact(example[term][1]) if redact else example[term][1])[:200]}
             for term, n in counts.most_common(limit)
         ],
     }
@@ -604,4 +640,4 @@ class Analytics:
                 self._conn = None
 
         await self._run(shut)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, True)

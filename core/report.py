@@ -67,20 +67,24 @@ class Report:
 def collect(conn: sqlite3.Connection, r: TimeRange, topics: int = 3) -> ReportData:
     now, before = analytics.sentiment(conn, r), analytics.sentiment(conn, r.previous())
     esc, esc_before = analytics.escalations(conn, r), analytics.escalations(conn, r.previous())
-    negative = analytics.topics(conn, r, topics, negative_only=True)["topics"]
-    prev_share = [
+    negative = analytics.topics(conn, r, topics, negative_only=True, redact=redact_pii)["topics"]
+    prev_share: list[float | None] = [
         (neg / total if total else None)
         for neg, total in zip(before["series"]["negative"], before["volume"], strict=True)
     ]
+    # The previous period can have one bucket fewer or more (a range not on the hour):
+    # line it up with this period's buckets, a missing one drawn as a gap.
+    size = len(now["labels"])
+    prev_share = (prev_share + [None] * size)[:size]
     return ReportData(
         start=r.start, end=r.end, bucket=r.bucket, labels=tuple(now["labels"]),
         series={k: tuple(v) for k, v in now["series"].items()},
-        previous_share_series=tuple(prev_share[: len(now["labels"])]),
+        previous_share_series=tuple(prev_share),
         messages=now["total"], negative=now["totals"]["negative"],
         previous_messages=before["total"], previous_negative=before["totals"]["negative"],
         escalations=esc["total"], escalation_reasons=esc["reasons"],
         previous_escalations=esc_before["total"],
-        topics=tuple(Topic(t["term"], t["messages"], redact_pii(t["example"])) for t in negative),
+        topics=tuple(Topic(t["term"], t["messages"], t["example"]) for t in negative),
     )
 
 

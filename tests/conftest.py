@@ -181,17 +181,22 @@ SEEDED = {
 }
 
 
+async def empty_store(path: Path) -> None:
+    """A store's database with its schema (from the store's own migrations) and no rows."""
+    from core.store import SQLiteStore
+
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+
+
 async def seed_history(path: Path, now: Any) -> None:
     """Write a known day of traffic (and the day before) into a store's database.
 
     The schema comes from the store's own migrations; rows are written directly because
     the store stamps everything with the current time.
     """
-    from core.store import SQLiteStore
-
-    store = SQLiteStore(path)
-    await store.open()
-    await store.close()
+    await empty_store(path)
     await asyncio.to_thread(_seed, path, now)
 
 

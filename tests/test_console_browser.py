@@ -3,17 +3,19 @@ adapter on a real pipeline (real store, real sentiment model; no language model)
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.async_api import Browser, async_playwright, expect
+from playwright.async_api import Browser, Route, async_playwright, expect
 
 from core import analytics, report
 from tests.conftest import OPERATOR_TOKEN, SEEDED, Desk, seed_history
@@ -86,7 +88,8 @@ async def test_console_queue_claim_reply_resolve_draft_history_and_report(
     built = report.build(conn, analytics.TimeRange.last(86400))
     conn.close()
     assert await desk.pipeline.operators.post_report(built.summary, built.chart_png) == 1
-    await expect(op.locator("#report-summary")).to_contain_text("Messages: 1")
+    # The seeded day's ten customer messages and this test's one.
+    await expect(op.locator("#report-summary")).to_contain_text("Messages: 11 (")
     await expect(op.locator("#report-chart")).to_have_js_property("naturalWidth", 1200)
     await op.screenshot(path=str(tmp_path / "console.png"), full_page=True)
     assert await op.locator("#action-error").text_content() == ""
@@ -155,5 +158,82 @@ async def test_analytics_page_draws_every_chart_from_the_seeded_store(
     await page.fill("#end", "2024-05-01T10:00")
     await page.click("#range-form button[type=submit]")
     await expect(page.locator("#range-error")).to_contain_text("is not before end")
+
+    # A slow answer for an older range never overwrites the newer range's charts.
+    async def slow_day(route: Route) -> None:
+        if "since=24h" in route.request.url:
+            await asyncio.sleep(1.0)
+        await route.continue_()
+
+    await page.route("**/api/operator/analytics?*", slow_day)
+    async with page.expect_response(lambda r: "since=24h" in r.url):
+        await page.select_option("#since", "24h")
+        await page.select_option("#since", "30d")
+        await expect(page.locator("#range-label")).to_contain_text("by day")
+    await page.wait_for_timeout(300)  # time for the late answer to be (wrongly) drawn
+    await expect(page.locator("#range-label")).to_contain_text("by day")
+    assert len(await page.evaluate("Chart.getChart('chart-volume').data.labels")) == 31
+    await expect(page.locator("body")).to_have_attribute("data-loaded", "1")
+    await expect(page.locator("#range-error")).to_have_text("")
+    tab.assert_clean()
+    await context.close()
+
+
+MARKUP = "<img src=x onerror=alert(1)>"
+
+
+async def test_customer_markup_shows_as_text_in_the_console_and_analytics(
+    desk: Desk, browser: Browser,
+) -> None:
+    """A customer named and writing ``<img src=x onerror=...>``: the queue, the title, the
+    transcript, the history and the analytics topics table show those characters; no image
+    is made and nothing runs. A reply the server refuses keeps the operator's text."""
+    context = await browser.new_context()
+    console = await open_console(context, desk.base)
+    op = console.page
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(
+            f"{desk.base}/ws?session=markup-customer-1&name={quote(MARKUP, safe='')}")
+        customer = Customer(ws)
+        assert (await customer.next_frame(10))["type"] == "hello"
+        await customer.say(MARKUP)
+        await customer.until("reply")
+        await ws.send_json({"type": "command", "id": "h1", "name": "human"})
+        await customer.until("message", sender="system")
+
+        ticket = op.locator("#tickets li.ticket")
+        await expect(ticket).to_have_count(1, timeout=9_000)
+        tid = await ticket.get_attribute("data-id")
+        await expect(ticket.locator("strong")).to_have_text(f"#{tid} {MARKUP} (web)")
+        await expect(ticket.locator(".last")).to_have_text(MARKUP)
+        await ticket.click()
+        await expect(op.locator("#ticket-title")).to_have_text(f"Ticket #{tid}: {MARKUP}")
+        await expect(op.locator("#transcript .line.customer .text").first).to_have_text(MARKUP)
+        await expect(op.locator("#history li.current .last")).to_have_text(MARKUP)
+        assert await op.locator("#transcript img").count() == 0
+        assert await op.locator("#tickets img, #history img, #ticket-title img").count() == 0
+
+        # Refused (too long): the text stays in the box, with the server's reason.
+        too_long = "I will look into it. " * 200
+        await op.fill("#reply", too_long)
+        await op.click("#send-reply")
+        await expect(op.locator("#action-error")).to_contain_text("at most 4000 characters")
+        await expect(op.locator("#reply")).to_have_value(too_long)
+        await ws.close()
+    console.assert_clean()
+
+    page = await context.new_page()
+    tab = Tab(page)
+    await page.goto(f"{desk.base}/operator/analytics")
+    await page.fill("#name", "Dana")
+    await page.fill("#token", OPERATOR_TOKEN)
+    await page.click("#login button[type=submit]")
+    await expect(page.locator("body")).to_have_attribute("data-loaded", "1")
+    rows = await page.evaluate(
+        "Array.from(document.querySelectorAll('#topics-table tbody tr'), tr => "
+        "Array.from(tr.cells, td => td.textContent))")
+    [onerror] = [row for row in rows if row[0] == "onerror"]
+    assert onerror[1] == "1" and onerror[3] == MARKUP, rows
+    assert await page.locator("#topics-table img").count() == 0
     tab.assert_clean()
     await context.close()

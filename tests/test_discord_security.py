@@ -65,17 +65,25 @@ async def test_only_the_operator_role_in_ticket_threads_may_act(bot: Bot) -> Non
     await fake.user_message(dm, w.alice, "/resolve")
     await bot.settle(inbound=2)
     general_thread = await _thread_in(bot, w.general, thread["name"])
-    await fake.user_message(general_thread, w.olga, "/claim")
     command = await fake.slash_command(general_thread, w.olga, "claim")
     await fake.wait_until(lambda: fake.interaction_responses(command))
     assert "inside a ticket thread" in fake.interaction_responses(command)[0]["data"]["content"]
-    await asyncio.sleep(0.3)
     assert (await _row(bot))["state"] == "open"
+    # A typed "/claim" in the look-alike thread gets no answer at all, so the test waits on
+    # a message sent after it that does: the gateway delivers events in order and the bot
+    # starts handling them in order, so once Mallory's refusal is posted the look-alike
+    # message was decided (a claim from it would show in the row and in that thread).
+    await fake.user_message(general_thread, w.olga, "/claim")
+    await fake.user_message(thread, w.mallory, "/claim")
+    await fake.wait_until(lambda: public(fake, thread).count(OPERATOR_REFUSAL) == 5)
+    assert (await _row(bot))["state"] == "open"
+    assert public(fake, general_thread) == [], "the look-alike thread got no answer"
     assert texts_in(fake, dm) == seen_by_alice, "nothing reached the customer"
 
     await fake.user_message(thread, w.olga, "!claim")
     await fake.wait_until(lambda: any(t.startswith("Claimed by") for t in texts_in(fake, thread)))
     assert (await _row(bot))["claimed_by"] == f"discord:{w.olga['id']}"
+    assert public(fake, general_thread) == []
 
 
 def public(fake: FakeDiscord, channel: Json) -> list[str]:
@@ -178,7 +186,7 @@ async def test_server_errors_are_retried_then_reported_not_dropped(
 
     # An operator whose answer cannot be delivered is told so in the thread.
     await fake.user_message(dm, w.bob, "/human")
-    await settled_as(bot, "", "answered")
+    await bot.settle(inbound=3)  # /help, the failed question, and this one
     await fake.wait_until(lambda: fake.threads_of(w.ops["id"]))
     [thread] = fake.threads_of(w.ops["id"])
     await fake.user_message(thread, w.olga, "/claim")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -163,3 +164,33 @@ async def _history(http: aiohttp.ClientSession, desk: Desk, tid: int) -> list:
     resp = await http.get(f"{desk.base}/api/operator/tickets/{tid}/history",
                           headers=operator_headers())
     return (await resp.json())["conversations"]
+
+
+async def test_a_reply_that_cannot_be_delivered_is_a_json_502_naming_why(
+    desk: Desk, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ticket of a Telegram customer while only the web adapter runs: delivery fails for
+    real; the console gets a 502 whose JSON says why (not a bare 500), and it is logged."""
+    path = Path(desk.settings.store.path)
+    now = datetime.now(UTC)
+    await seed_history(path, now)
+    conn = sqlite3.connect(path, isolation_level=None)
+    tid = conn.execute(
+        "INSERT INTO tickets (conversation_id, state, reason, created_at, announced_at) "
+        "VALUES (902, 'claimed', 'customer_requested', ?, ?) RETURNING id",
+        (now.isoformat(timespec="milliseconds"),) * 2,
+    ).fetchone()[0]
+    conn.execute("UPDATE tickets SET claimed_by = 'web:Dana' WHERE id = ?", (tid,))
+    conn.close()
+    url = f"{desk.base}/api/operator/tickets/{tid}"
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"{url}/reply", json={"text": "On its way."},
+                               headers=operator_headers())
+        assert resp.status == 502 and resp.content_type == "application/json"
+        error = (await resp.json())["error"]
+        assert error == "reply failed: RuntimeError: no adapter for platform 'telegram' is running"
+        resp = await http.post(f"{url}/frobnicate", json={}, headers=operator_headers())
+        assert resp.status == 404 and (await resp.json()) == {"error": "no action 'frobnicate'"}
+        resp = await http.get(url)
+        assert resp.status == 401 and (await resp.json()) == {"error": "operator token required"}
+    assert f"operator reply on ticket {tid} failed" in caplog.text

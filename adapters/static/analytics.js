@@ -35,8 +35,9 @@
     const items = [
       ["Customer messages", num(d.sentiment.total)],
       ["Negative", pct(d.sentiment.share_negative)],
-      ["Escalations", `${num(d.escalations.total)} (${pct(d.escalations.rate_total)} of new conversations)`],
+      ["Escalations", `${num(d.escalations.total)} (${pct(d.escalations.rate_total)} of new conversations escalated)`],
       ["First operator reply, median", d.operators.first_response_min.p50 == null ? "–" : `${d.operators.first_response_min.p50} min`],
+      ["Unanswered tickets", d.operators.unanswered ? `${num(d.operators.unanswered)} (oldest waiting ${d.operators.oldest_wait_min} min)` : "0"],
       ["Resolution, median", d.operators.resolution_min.p50 == null ? "–" : `${d.operators.resolution_min.p50} min`],
       ["Suggestion click-through", pct(d.suggestions.ctr)],
       ["Feedback score (−1…+1)", d.feedback.score == null ? "–" : d.feedback.score.toFixed(2)],
@@ -124,13 +125,21 @@
     return `start=${encodeURIComponent(iso($("start").value))}&end=${encodeURIComponent(iso($("end").value))}`;
   }
 
+  // Only the latest range's answer is drawn: an older, slower one arriving later is
+  // dropped, so it can neither overwrite the charts nor mark the page loaded.
+  let latest = 0;
+
   async function load() {
+    const mine = ++latest;
     $("range-error").textContent = "";
     document.body.dataset.loaded = "0";
     try {
-      render(await api(`/api/operator/analytics?${query()}`));
+      const data = await api(`/api/operator/analytics?${query()}`);
+      if (mine !== latest) return;
+      render(data);
       document.body.dataset.loaded = "1";
     } catch (e) {
+      if (mine !== latest) return;
       $("range-error").textContent = e.message;
       throw e;
     }

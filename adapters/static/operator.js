@@ -79,8 +79,12 @@
     }
   }
 
+  let opening = 0;
+
   async function open(id) {
+    const mine = ++opening;
     const data = await api(`/api/operator/tickets/${id}`);
+    if (mine !== opening) return;  // a later open() owns the detail pane
     const switched = !current || current.id !== id;
     current = data.ticket;
     $("detail").hidden = false;
@@ -113,8 +117,13 @@
     history(id).catch(() => {});
   }
 
+  // Answers that arrive after the operator opened another ticket belong to the old one:
+  // they are dropped, never shown (or drafted) under the new customer.
+  const still = id => current !== null && current.id === id;
+
   async function history(id) {
     const data = await api(`/api/operator/tickets/${id}/history`);
+    if (!still(id)) return;
     const list = $("history");
     list.replaceChildren();
     for (const c of data.conversations) {
@@ -132,25 +141,36 @@
     }
   }
 
+  // True when the action succeeded (the caller may then clear what it sent).
   async function act(action, body) {
     $("action-error").textContent = "";
+    const id = current.id;
     try {
-      await api(`/api/operator/tickets/${current.id}/${action}`, body || {});
-      await open(current.id);
+      await api(`/api/operator/tickets/${id}/${action}`, body || {});
+    } catch (e) {
+      if (still(id)) $("action-error").textContent = e.message;
+      return false;
+    }
+    try {
+      if (still(id)) await open(id);
       await refreshQueue();
     } catch (e) { $("action-error").textContent = e.message; }
+    return true;
   }
 
   async function draft() {
     $("action-error").textContent = "";
+    const id = current.id;
     const button = $("draft");
     button.disabled = true;
     button.textContent = "Drafting…";
     try {
-      const data = await api(`/api/operator/tickets/${current.id}/draft`);
-      $("reply").value = data.draft;
-      $("reply").focus();
-    } catch (e) { $("action-error").textContent = e.message; }
+      const data = await api(`/api/operator/tickets/${id}/draft`);
+      if (still(id)) {
+        $("reply").value = data.draft;
+        $("reply").focus();
+      }
+    } catch (e) { if (still(id)) $("action-error").textContent = e.message; }
     button.disabled = false;
     button.textContent = "Draft with the bot";
   }
@@ -214,12 +234,15 @@
     sessionStorage.setItem("supportbot.name", name);
     start();
   });
-  $("reply-form").addEventListener("submit", ev => {
+  $("reply-form").addEventListener("submit", async ev => {
     ev.preventDefault();
     const text = $("reply").value.trim();
     if (!text) return;
-    $("reply").value = "";
-    act("reply", { text });
+    const id = current.id;
+    // Cleared only once delivered: a refused or failed reply keeps the operator's text.
+    if (await act("reply", { text }) && still(id) && $("reply").value.trim() === text) {
+      $("reply").value = "";
+    }
   });
   $("draft").addEventListener("click", draft);
   $("claim").addEventListener("click", () => act("claim"));
