@@ -13,6 +13,7 @@ from typing import Generic, TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+R = TypeVar("R")
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -27,12 +28,17 @@ class MicroBatcher(Generic[In, Out]):
         max_batch: int = 32,
         max_wait_s: float = 0.005,
         name: str = "batch",
+        initializer: Callable[[], None] | None = None,
     ) -> None:
+        """``initializer`` runs once in the worker thread (per-thread settings such as
+        torch's intra-op thread count)."""
         self._fn = fn
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._pending: asyncio.Queue[tuple[In, asyncio.Future[Out]]] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix=name, initializer=initializer
+        )
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, item: In) -> Out:
@@ -42,17 +48,24 @@ class MicroBatcher(Generic[In, Out]):
         await self._pending.put((item, future))
         return await future
 
+    async def run_in_worker(self, fn: Callable[[], R]) -> R:
+        """Run ``fn`` on the batch thread (starting it, so its initializer has run)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._pending.get()]
             deadline = loop.time() + self._max_wait_s
             while len(batch) < self._max_batch:
+                if not self._pending.empty():
+                    batch.append(self._pending.get_nowait())
+                    continue
                 remaining = deadline - loop.time()
-                if remaining <= 0 and self._pending.empty():
+                if remaining <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._pending.get(), max(remaining, 0)))
+                    batch.append(await asyncio.wait_for(self._pending.get(), remaining))
                 except TimeoutError:
                     break
             items = [item for item, _ in batch]

@@ -18,6 +18,7 @@ from finetune.sentiment_data import (
     DataError,
     Example,
     Scores,
+    apply_logit_bias,
     decide,
     label_counts,
     load,
@@ -171,6 +172,11 @@ def _finetuned_models(path: Path) -> list[tuple[str, Predictor]]:
     if t is not None:
         out.append((f"fine-tuned MiniLM (P(neg) >= {t:.2f})",
                     lambda texts: decide(probs(texts), t)))
+    bias = model.logit_bias
+    if bias is not None:
+        shown = ", ".join(f"{b:+.2f}" for b in bias)
+        out.append((f"fine-tuned MiniLM (dev-fitted logit bias {shown}; service)",
+                    lambda texts: decide(apply_logit_bias(probs(texts), bias), None)))
     return out
 
 

@@ -238,5 +238,56 @@ def tune_negative_threshold(
     return best[1] if best is not None else candidates[0]
 
 
+BIAS_GRID = tuple(round(-2.0 + 0.05 * i, 2) for i in range(81))
+"""Candidate log-prior shifts for neutral and positive (negative stays at 0)."""
+
+
+def apply_logit_bias(
+    probabilities: Sequence[Sequence[float]], bias: Sequence[float]
+) -> list[list[float]]:
+    """Prior correction: softmax(log p + bias), the same as adding ``bias`` to the logits."""
+    import numpy as np
+
+    logp = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0))
+    z = logp + np.asarray(bias, dtype=np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).tolist()
+
+
+def fit_logit_bias(
+    gold: Sequence[int],
+    probabilities: Sequence[Sequence[float]],
+    min_recall: float = 0.90,
+    min_precision: float = 0.85,
+) -> tuple[float, float, float]:
+    """Per-class logit bias with the best macro-F1, keeping negative recall and precision.
+
+    Fitted on the dev split only. A grid over the neutral and positive shifts; among equal
+    scores the smallest shift wins, so a model that needs no correction gets (0, 0, 0).
+    """
+    import numpy as np
+
+    k = len(LABELS)
+    g = np.asarray(gold, dtype=np.int64)
+    logp = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0))
+    best: tuple[float, float, tuple[float, float, float]] | None = None
+    for b1 in BIAS_GRID:
+        for b2 in BIAS_GRID:
+            pred = (logp + np.array([0.0, b1, b2])).argmax(axis=1)
+            m = np.bincount(g * k + pred, minlength=k * k).reshape(k, k)
+            tp = np.diag(m).astype(np.float64)
+            p = np.divide(tp, m.sum(axis=0), out=np.zeros(k), where=m.sum(axis=0) > 0)
+            r = np.divide(tp, m.sum(axis=1), out=np.zeros(k), where=m.sum(axis=1) > 0)
+            if r[NEGATIVE] < min_recall or p[NEGATIVE] < min_precision:
+                continue
+            f1 = float(np.mean(np.divide(2 * p * r, p + r, out=np.zeros(k), where=p + r > 0)))
+            size = abs(b1) + abs(b2)
+            if best is None or f1 > best[0] + 1e-12 or (abs(f1 - best[0]) <= 1e-12
+                                                         and size < best[1]):
+                best = (f1, size, (0.0, b1, b2))
+    return best[2] if best is not None else (0.0, 0.0, 0.0)
+
+
 def label_counts(examples: Iterable[Example]) -> Counter[int]:
     return Counter(e.label for e in examples)

@@ -241,6 +241,7 @@ def test_finetune_writes_a_loadable_model_folder(
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
     assert 0.0 < config["negative_threshold"] < 1.0
+    assert len(config["logit_bias"]) == 3 and config["logit_bias"][0] == 0.0
     assert config["text_normalization"] == "social-v1"
     assert (out / "tokenizer.json").is_file()
     card = (out / "README.md").read_text()
@@ -256,4 +257,26 @@ def test_finetune_writes_a_loadable_model_folder(
     table = capsys.readouterr().out
     assert "| fine-tuned MiniLM (argmax) |" in table
     assert "| fine-tuned MiniLM (P(neg) >= " in table
+    assert "| fine-tuned MiniLM (dev-fitted logit bias +0.00, " in table
     assert "embedded head skipped: " in table and "no-head.safetensors" in table
+
+
+def test_epochs_zero_refits_an_existing_folder_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from finetune import sentiment
+
+    assert sentiment.run(_args(sentiment, "--data", str(FIXTURE), "--out", str(tmp_path / "x"),
+                               "--epochs", "0")) == 2
+    assert "--epochs 0 only refits the dev corrections" in capsys.readouterr().err
+    first = tmp_path / "first"
+    assert sentiment.run(_args(sentiment, "--data", str(FIXTURE), "--out", str(first),
+                               "--epochs", "1", "--batch-size", "16", "--lr", "1e-4")) == 0
+    again = tmp_path / "again"
+    assert sentiment.run(_args(sentiment, "--data", str(FIXTURE), "--out", str(again),
+                               "--epochs", "0", "--init", str(first))) == 0
+    printed = capsys.readouterr().out
+    assert f"saved {again} after 0 steps" in printed
+    assert f"step 0/0 (from {first}) dev macro-F1" in printed
+    assert f"Training from {first}:" in (again / "README.md").read_text()
+    assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()

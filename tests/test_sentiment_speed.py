@@ -1,0 +1,168 @@
+"""The int8 path (``sentiment.quantize``), the dev-fitted logit bias, and micro-batching.
+
+Real MiniLM everywhere: the committed head for the embedded path, and a small model
+fine-tuned here on the hand-written fixture for the fine-tuned path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.sentiment import (
+    LABELS,
+    EncoderHeadClassifier,
+    FineTunedClassifier,
+    _Batched,
+    build_classifier,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tweets_small.csv"
+
+CLEAR_TEXTS = {
+    "@AirCo my bag is LOST and your staff was rude. worst airline ever!!! 😡": "negative",
+    "@AirCo cancelled again, 5 hours at the gate and nobody tells us anything": "negative",
+    "I want my refund NOW, this is a disgrace": "negative",
+    "@AirCo thank you so much, wonderful crew and a great flight ❤️": "positive",
+    "love the new seats, best flight I've had in years! thanks": "positive",
+    "Thanks for the quick help, you guys are awesome 😊": "positive",
+}
+"""Messages any sentiment model should get right; the head labels them this way."""
+
+
+@pytest.fixture(scope="module")
+async def head_pair() -> AsyncIterator[tuple[_Batched, _Batched]]:
+    fp32 = build_classifier("minilm", "", "", 32, 2.0)
+    int8 = build_classifier("minilm", "", "", 32, 2.0, quantize="int8")
+    await asyncio.gather(fp32.start(), int8.start())
+    yield fp32, int8
+    await fp32.close()
+    await int8.close()
+
+
+@pytest.fixture(scope="module")
+def tuned_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fine-tuned folder made by the real training code on the fixture tweets."""
+    from finetune.sentiment import TrainConfig, finetune
+    from finetune.sentiment_data import load
+
+    data = load(FIXTURE)
+    out = tmp_path_factory.mktemp("tuned") / "model"
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=2e-4, evals_per_epoch=1, patience=10,
+                      threads=0, seed=1)
+    finetune(data.split("train"), data.split("dev"), data.split("test"), out, cfg,
+             log=lambda _line: None)
+    return out
+
+
+async def test_int8_head_labels_match_fp32(head_pair: tuple[_Batched, _Batched]) -> None:
+    fp32, int8 = head_pair
+    assert isinstance(int8, EncoderHeadClassifier) and int8.quantize == "int8"
+    texts = list(CLEAR_TEXTS)
+    a = await asyncio.gather(*(fp32.classify(t) for t in texts))
+    b = await asyncio.gather(*(int8.classify(t) for t in texts))
+    assert [s.label for s in a] == list(CLEAR_TEXTS.values())
+    assert [s.label for s in b] == [s.label for s in a]
+    for x, y in zip(a, b, strict=True):
+        assert abs(x.negative - y.negative) < 0.1
+        # Quantised, not the same float model under another name.
+        assert (x.negative, x.neutral, x.positive) != (y.negative, y.neutral, y.positive)
+
+
+async def test_int8_finetuned_labels_match_fp32(tuned_folder: Path) -> None:
+    fp32 = build_classifier("minilm", "", str(tuned_folder), 32, 2.0)
+    int8 = build_classifier("minilm", "", str(tuned_folder), 32, 2.0, quantize="int8")
+    await asyncio.gather(fp32.start(), int8.start())
+    try:
+        assert isinstance(int8, FineTunedClassifier)
+        texts = list(CLEAR_TEXTS)
+        a = await asyncio.gather(*(fp32.classify(t) for t in texts))
+        b = await asyncio.gather(*(int8.classify(t) for t in texts))
+        assert [s.label for s in b] == [s.label for s in a]
+        # The fixture model has learnt the obvious cases, so the comparison means something.
+        assert sum(s.label == want for s, want in zip(a, CLEAR_TEXTS.values(), strict=True)) >= 5
+        diffs = [abs(x.negative - y.negative) for x, y in zip(a, b, strict=True)]
+        assert 0 < max(diffs) < 0.1
+    finally:
+        await fp32.close()
+        await int8.close()
+
+
+def _with_bias(src: Path, dst: Path, bias: object) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["logit_bias"] = bias
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_training_saves_a_dev_fitted_bias(tuned_folder: Path) -> None:
+    config = json.loads((tuned_folder / "config.json").read_text())
+    bias = config["logit_bias"]
+    assert len(bias) == 3 and bias[0] == 0.0 and all(-2 <= b <= 2 for b in bias)
+    assert "test (logit bias, used by the service)" in (tuned_folder / "README.md").read_text()
+
+
+def test_logit_bias_is_loaded_and_applied(tuned_folder: Path, tmp_path: Path) -> None:
+    plain = _with_bias(tuned_folder, tmp_path / "plain", None)
+    shifted = _with_bias(tuned_folder, tmp_path / "shifted", [0.0, 0.0, 3.0])
+    texts = list(CLEAR_TEXTS)
+    a, b = FineTunedClassifier(plain), FineTunedClassifier(shifted)
+    a._load()
+    b._load()
+    assert a.logit_bias == (0.0, 0.0, 0.0) and b.logit_bias == (0.0, 0.0, 3.0)
+    pa = np.array([[s.negative, s.neutral, s.positive] for s in a.classify_many(texts)])
+    sb = b.classify_many(texts)
+    pb = np.array([[s.negative, s.neutral, s.positive] for s in sb])
+    expected = pa * np.exp([0.0, 0.0, 3.0])
+    expected /= expected.sum(axis=1, keepdims=True)
+    assert np.allclose(pb, expected, atol=1e-4)
+    assert [s.label for s in sb] == [LABELS[int(i)] for i in pb.argmax(axis=1)]
+    assert sum(s.label == "positive" for s in sb) > sum(
+        s.label == "positive" for s in a.classify_many(texts)
+    )
+
+
+def test_bad_logit_bias_names_file_and_key(tuned_folder: Path, tmp_path: Path) -> None:
+    bad = _with_bias(tuned_folder, tmp_path / "bad", [0.0, "high"])
+    with pytest.raises(ValueError, match=rf"^{bad / 'config.json'}: logit_bias must be a list"):
+        FineTunedClassifier(bad)._load()
+
+
+def test_unknown_quantize_mode_names_the_setting() -> None:
+    with pytest.raises(ValueError, match=r"^sentiment\.quantize must be one of none, int8, "
+                                         r"not 'int4'$"):
+        build_classifier("minilm", "", "", 32, 5.0, quantize="int4")
+
+
+async def test_batched_results_follow_their_messages(tuned_folder: Path) -> None:
+    """Sub-batches are sorted by length; every caller must still get its own text's scores."""
+    clf = FineTunedClassifier(tuned_folder, max_batch=64, max_wait_ms=20)
+    await clf.start()
+    try:
+        texts = [t + " " + "really " * (i % 9) for i, t in enumerate(list(CLEAR_TEXTS) * 7)]
+        together = await asyncio.gather(*(clf.classify(t) for t in texts))
+        alone = [clf.classify_many([t])[0] for t in texts]
+        for x, y in zip(together, alone, strict=True):
+            assert x.label == y.label
+            assert abs(x.negative - y.negative) < 1e-4
+    finally:
+        await clf.close()
+
+
+async def test_worker_runs_on_one_thread_without_changing_the_process(
+    head_pair: tuple[_Batched, _Batched],
+) -> None:
+    fp32, _ = head_pair
+    assert fp32._batcher is not None
+    assert await fp32._batcher.run_in_worker(torch.get_num_threads) == 1
+    with ThreadPoolExecutor(1) as other:
+        assert other.submit(torch.get_num_threads).result() == torch.get_num_threads()
