@@ -125,7 +125,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await store.open()
     if args.classifier == "model":
         s = settings.sentiment
-        classifier: Any = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
+        classifier: Any = build_classifier(
+            s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize
+        )
     else:
         classifier = NeutralClassifier()
     await classifier.start()

@@ -138,7 +138,9 @@ async def build_models(settings: Settings, generator: str, sentiment: str,
         from core.sentiment import build_classifier
 
         s = settings.sentiment
-        classifier: Any = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
+        classifier: Any = build_classifier(
+            s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize
+        )
     else:
         classifier = NeutralClassifier()
     await gen.start()

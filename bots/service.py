@@ -135,7 +135,9 @@ class Service:
             settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms
         )
         s = settings.sentiment
-        self.classifier = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
+        self.classifier = build_classifier(
+            s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize
+        )
         self.generator: Generator | None = None
         self.recommender: Recommender | None = None
         self.pipeline: Pipeline | None = None

@@ -26,6 +26,7 @@ from finetune.sentiment_data import (
 )
 from finetune.sentiment_head import DEFAULT_CACHE
 from finetune.sentiment_head import DEFAULT_OUT as DEFAULT_HEAD
+from finetune.tool import run_module
 
 DEFAULT_MODEL = Path("data/models/sentiment-minilm")
 VADER_MARGIN = 0.05
@@ -180,12 +181,4 @@ def _finetuned_models(path: Path) -> list[tuple[str, Predictor]]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.eval_sentiment",
-                                     description=__doc__.splitlines()[0])
-    configure(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+run_module(__name__)

@@ -43,6 +43,7 @@ from finetune.sentiment_data import (
     tune_negative_threshold,
 )
 from finetune.sentiment_head import minilm_path
+from finetune.tool import run_module
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -404,12 +405,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.sentiment",
-                                     description=__doc__.splitlines()[0])
-    configure(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+run_module(__name__)

@@ -31,6 +31,7 @@ from finetune.sentiment_data import (
     score,
     tune_negative_threshold,
 )
+from finetune.tool import run_module
 
 DEFAULT_OUT = Path("core/assets/sentiment_head.safetensors")
 DEFAULT_CACHE = Path("data/cache")
@@ -298,12 +299,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.sentiment_head",
-                                     description=__doc__.splitlines()[0])
-    configure(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+run_module(__name__)

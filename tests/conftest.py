@@ -106,7 +106,9 @@ class Desk:
         s = settings.sentiment
         self.settings = settings
         self.store = SQLiteStore(settings.store.path)
-        self.classifier = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
+        self.classifier = build_classifier(
+            s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize
+        )
         self.generator = ScriptedDraftGenerator()
         self.web = WebAdapter(settings.web, OPERATOR_TOKEN)
         self.pipeline: Any = None
