@@ -10,6 +10,7 @@ import logging
 import sys
 
 from core.config import ConfigError, Settings, load_settings
+from core.logs import configure_logging, secret_values
 
 # name -> module implementing configure(parser) and run(args) -> int
 OFFLINE_TOOLS: dict[str, dict[str, str]] = {
@@ -35,12 +36,27 @@ OFFLINE_TOOLS: dict[str, dict[str, str]] = {
 TOP_LEVEL_TOOLS: dict[str, str] = {"report": "bots.report"}
 
 
+def secret_env_names(settings: Settings) -> list[str]:
+    """Every environment variable a ``*_env`` key names: their values are masked in logs."""
+    names = []
+    for section in vars(settings).values():
+        for key, value in vars(section).items() if hasattr(section, "__dict__") else ():
+            if key.endswith("_env") and isinstance(value, str) and value:
+                names.append(value)
+    return names
+
+
+def setup_logging(settings: Settings) -> None:
+    s = settings.service
+    configure_logging(
+        level=s.log_level, fmt=s.log_format, redact=s.redact_logs,
+        secrets=secret_values(secret_env_names(settings)),
+    )
+
+
 def _settings(path: str) -> Settings:
     settings = load_settings(path)
-    logging.basicConfig(
-        level=settings.service.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(settings)
     return settings
 
 

@@ -33,6 +33,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def well_formed(text: str) -> str:
+    """``text`` as valid Unicode: a lone surrogate (JSON allows ``"\\ud800"``; UTF-8 and
+    SQLite do not) becomes U+FFFD, a split pair is joined. Everything else is kept."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     """A person on one platform; ``platform_user_id`` is the platform's own id."""
@@ -40,6 +50,10 @@ class User:
     platform: str
     platform_user_id: str
     display_name: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("platform_user_id", "display_name"):
+            object.__setattr__(self, name, well_formed(getattr(self, name)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +75,11 @@ class Inbound:
     kind: Kind = Kind.TEXT
     payload: str = ""
     sent_at: datetime = field(default_factory=utcnow)
+
+    def __post_init__(self) -> None:
+        # Whatever a platform or a browser sent, the core gets text it can store and print.
+        for name in ("conversation_key", "platform_message_id", "text", "payload"):
+            object.__setattr__(self, name, well_formed(getattr(self, name)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +108,7 @@ class Reply:
     sender: Sender = Sender.BOT
     suggestions: tuple[Suggestion, ...] = ()
     citations: tuple[Citation, ...] = ()
+
+    def __post_init__(self) -> None:
+        # An operator's text comes from a browser's JSON; every platform needs valid Unicode.
+        object.__setattr__(self, "text", well_formed(self.text))

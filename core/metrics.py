@@ -32,3 +32,33 @@ QUEUED = Gauge(
     "supportbot_conversations_busy", "Conversations with work queued or running",
     registry=REGISTRY,
 )
+QUEUE_DEPTH = Gauge(
+    "supportbot_queue_depth", "Customer events queued or being processed", registry=REGISTRY,
+)
+SENTIMENT = Counter(
+    "supportbot_sentiment_total", "Customer messages by sentiment label", ["label"],
+    registry=REGISTRY,
+)
+GENERATOR_ERRORS = Counter(
+    "supportbot_generator_errors_total", "Failed generations by kind", ["kind"],
+    registry=REGISTRY,
+)
+BREAKER_STATE = Gauge(
+    "supportbot_generator_breaker_state",
+    "Generator circuit breaker: 0 closed, 1 half-open, 2 open (-1: the backend has none)",
+    registry=REGISTRY,
+)
+BREAKER_STATE.set(-1)
+STORE_ERRORS = Counter(
+    "supportbot_store_errors_total", "Database operations that failed, by kind", ["kind"],
+    registry=REGISTRY,
+)
+STORE_RETRIES = Counter(
+    "supportbot_store_retries_total", "Database operations retried after a lock",
+    registry=REGISTRY,
+)
+UNDELIVERED = Counter(
+    "supportbot_store_fallbacks_total",
+    "Customers sent an unrecorded apology because the database failed mid-message",
+    registry=REGISTRY,
+)

@@ -10,11 +10,12 @@ the messages of one conversation are handled strictly in order.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
 from core import metrics
 from core.channels import CustomerChannel, ReplyStream
@@ -28,29 +29,37 @@ from core.escalation import (
 )
 from core.generation import GenerationError, GenerationParams, Generator
 from core.grounding import NO_ANSWER_TEXT, Grounder, StreamingPlaceholderFilter
+from core.logs import CONVERSATION_ID
 from core.messages import Citation, Inbound, Kind, Reply, Sender, Suggestion, User
 from core.operators import Operator, OperatorDesk
 from core.prompt import build_chat
 from core.recommender import NoSuggestions, Recommender, SuggestionRequest, arm_of
 from core.sentiment import Classifier
-from core.store import SQLiteStore, StoredInbound
+from core.store import SQLiteStore, StoredInbound, StoreError
 from core.text import clean_text, truncate
 
 log = logging.getLogger(__name__)
 
+STORE_FALLBACK_TEXT = (
+    "Sorry, we have a technical problem and could not answer just now. Your message is "
+    "saved and we'll answer it here as soon as the problem is fixed."
+)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, order=True)
 class _Job:
-    inbound: Inbound
-    stored: StoredInbound
+    message_id: int
+    inbound: Inbound = field(compare=False)
+    stored: StoredInbound = field(compare=False)
 
 
 class Pipeline:
     """The core of the service; adapters call :meth:`submit` and implement the channels."""
 
     __slots__ = (
-        "_active", "_classifier", "_closing", "_generator", "_grounder", "_params", "_policy",
-        "_queues", "_recommender", "_settings", "_workers", "channels", "operators", "store",
+        "_active", "_backlog", "_classifier", "_closing", "_generator", "_grounder", "_healer",
+        "_inflight", "_params", "_policy", "_queues", "_recommender", "_settings",
+        "_store_retry_s", "_workers", "channels", "operators", "store",
     )
 
     def __init__(
@@ -61,6 +70,8 @@ class Pipeline:
         generator: Generator,
         recommender: Recommender | None = None,
         grounder: Grounder | None = None,
+        *,
+        store_retry_s: float = 1.0,
     ) -> None:
         self._settings = settings
         self._grounder = grounder
@@ -76,10 +87,22 @@ class Pipeline:
         )
         self.channels: dict[str, CustomerChannel] = {}
         self.operators = OperatorDesk(self, store, settings.escalation)
-        self._queues: dict[int, asyncio.Queue[_Job]] = {}
+        self._queues: dict[int, list[_Job]] = {}
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._active: dict[int, asyncio.Task[str]] = {}
         self._closing = False
+        # Message ids queued or being processed in this run: recovery never takes them twice.
+        self._inflight: set[int] = set()
+        # Writes that failed after the customer already had the reply, retried by the healer.
+        self._backlog: list[Callable[[], Awaitable[object]]] = []
+        self._healer: asyncio.Task[None] | None = None
+        self._store_retry_s = store_retry_s
+        breaker = getattr(generator, "breaker", None)
+        if breaker is not None:
+            states = {"closed": 0, "half_open": 1, "open": 2}
+            metrics.BREAKER_STATE.set_function(lambda: states.get(str(breaker.state), -1))
+        else:
+            metrics.BREAKER_STATE.set_function(lambda: -1)
 
     def attach(self, channel: CustomerChannel) -> None:
         self.channels[channel.platform] = channel
@@ -87,50 +110,133 @@ class Pipeline:
     # -- intake ----------------------------------------------------------------------
 
     async def submit(self, inbound: Inbound) -> bool:
-        """Commit an event and queue it; ``False`` when it was delivered before."""
+        """Commit an event and queue it; ``False`` when it was delivered before.
+
+        Raises :class:`~core.store.StoreError` when the event could not be committed: the
+        adapter must then tell the platform (or the browser) that it was not accepted.
+        While the database is recovering from a fault, a committed event is not queued
+        here; the healer queues it, in order, with the ones the fault interrupted.
+        """
         stored = await self.store.record_inbound(inbound)
         if stored is None:
             metrics.DUPLICATES.labels(inbound.platform).inc()
             return False
         metrics.MESSAGES.labels(inbound.platform, inbound.kind.value).inc()
-        if not self._closing:
-            self._enqueue(_Job(inbound, stored))
+        if not self._closing and self._healer is None:
+            self._enqueue(_Job(stored.message_id, inbound, stored))
         return True
 
     def _enqueue(self, job: _Job) -> None:
+        if job.message_id in self._inflight:
+            return
+        self._inflight.add(job.message_id)
+        metrics.QUEUE_DEPTH.set(len(self._inflight))
         key = job.stored.conversation_id
-        queue = self._queues.get(key)
-        if queue is None:
-            queue = self._queues[key] = asyncio.Queue()
-        queue.put_nowait(job)
+        queue = self._queues.setdefault(key, [])
+        bisect.insort(queue, job)  # a recovered message goes before newer ones
         if key not in self._workers:
             self._workers[key] = asyncio.create_task(self._drain(key), name=f"conversation-{key}")
             metrics.QUEUED.set(len(self._workers))
 
+    def _done(self, job: _Job) -> None:
+        self._inflight.discard(job.message_id)
+        metrics.QUEUE_DEPTH.set(len(self._inflight))
+
     async def _drain(self, key: int) -> None:
         queue = self._queues[key]
         try:
-            while not queue.empty() and not self._closing:
-                job = queue.get_nowait()
+            while queue and not self._closing:
+                job = queue.pop(0)
+                token = CONVERSATION_ID.set(job.stored.conversation_id)
                 try:
                     await self._process(job)
                 except asyncio.CancelledError:
                     raise
+                except StoreError as exc:
+                    await self._store_failed(job, queue, exc)
                 except Exception:
                     log.exception("message %s failed", job.stored.message_id)
                     await self._mark(job, "failed")
+                finally:
+                    CONVERSATION_ID.reset(token)
+                    self._done(job)
         finally:
             # No await between the emptiness check and removal: nothing can slip in.
-            if queue.empty() or self._closing:
+            if not queue or self._closing:
                 self._queues.pop(key, None)
+                for job in queue:
+                    self._done(job)
             self._workers.pop(key, None)
-            if not queue.empty() and not self._closing:
+            if queue and not self._closing:
                 self._workers[key] = asyncio.create_task(self._drain(key))
             metrics.QUEUED.set(len(self._workers))
 
+    # -- database faults -------------------------------------------------------------
+
+    async def _store_failed(self, job: _Job, queue: list[_Job], exc: StoreError) -> None:
+        """The database failed before this message was answered. The customer gets an
+        honest apology (not recorded: the database is what failed); the message and the
+        rest of its conversation stay committed and unanswered, and the healer answers
+        them, in order, when the database works again."""
+        log.error("message %s: database failed before the reply, apologising: %s",
+                  job.stored.message_id, exc)
+        for parked in queue:
+            self._done(parked)
+        queue.clear()
+        channel = self.channels.get(job.inbound.platform)
+        if channel is not None and job.inbound.kind in (Kind.TEXT, Kind.COMMAND):
+            try:
+                await channel.deliver(job.inbound.conversation_key,
+                                      Reply(STORE_FALLBACK_TEXT, Sender.SYSTEM))
+                metrics.UNDELIVERED.inc()
+            except Exception:
+                log.exception("could not send the apology either")
+        self._start_healer()
+
+    async def _after_send(self, write: Callable[[], Awaitable[object]]) -> None:
+        """A write after the customer already has the reply: if the database fails it is
+        kept and retried, so a reply already sent is never sent again."""
+        try:
+            await write()
+        except StoreError as exc:
+            log.error("database failed after a reply was sent; will retry the write: %s", exc)
+            self._backlog.append(write)
+            self._start_healer()
+
+    def _start_healer(self) -> None:
+        if self._healer is None and not self._closing:
+            self._healer = asyncio.create_task(self._heal(), name="store-healer")
+
+    async def _heal(self) -> None:
+        """Retry until the database works: first the writes it owes for replies already
+        sent, then the messages the fault left unanswered (new ones wait meanwhile)."""
+        delay, count = self._store_retry_s, 0
+        try:
+            while True:
+                if self._closing:
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._store_retry_s * 8)
+                try:
+                    while self._backlog:
+                        await self._backlog[0]()
+                        self._backlog.pop(0)
+                    count = await self.recover()
+                    break
+                except StoreError as exc:
+                    log.warning("database still failing: %s", exc)
+        finally:
+            self._healer = None  # new events queue themselves again from here
+        try:
+            count += await self.recover()  # those committed while the first pass ran
+        except StoreError:
+            self._start_healer()
+            return
+        log.warning("database works again; %d waiting messages queued", count)
+
     async def recover(self) -> int:
-        """Queue what a previous run accepted but never finished."""
-        rows = await self.store.unfinished_inbound()
+        """Queue what a previous run (or a database fault) left accepted but unanswered."""
+        rows = await self.store.unfinished_inbound(sorted(self._inflight))
         for row in rows:
             inbound = Inbound(
                 platform=row["platform"],
@@ -144,7 +250,7 @@ class Pipeline:
             convo = await self.store.conversation(row["conversation_id"])
             stored = StoredInbound(row["id"], row["conversation_id"], convo["user_id"],
                                    convo["state"])
-            self._enqueue(_Job(inbound, stored))
+            self._enqueue(_Job(stored.message_id, inbound, stored))
         if rows:
             log.info("recovered %d unanswered messages", len(rows))
         return len(rows)
@@ -153,6 +259,8 @@ class Pipeline:
         """Let in-flight replies finish for ``grace_s``; the rest stay unanswered in the
         store (status ``received``) and are picked up by :meth:`recover` on next start."""
         self._closing = True
+        if self._healer is not None:
+            self._healer.cancel()
         workers = list(self._workers.values())
         if workers:
             _, pending = await asyncio.wait(workers, timeout=grace_s)
@@ -171,7 +279,7 @@ class Pipeline:
 
     async def _process(self, job: _Job) -> None:
         inbound, stored = job.inbound, job.stored
-        await self._mark(job, "processing")
+        await self.store.set_inbound_status(stored.message_id, "processing")
         handler: Callable[[_Job], object] = {
             Kind.TEXT: self._on_text,
             Kind.COMMAND: self._on_command,
@@ -179,8 +287,8 @@ class Pipeline:
             Kind.REACTION: self._on_reaction,
             Kind.ATTACHMENT: self._on_attachment,
         }[inbound.kind]
-        status = await handler(job)  # type: ignore[misc]
-        await self._mark(job, str(status or "answered"))
+        status = str(await handler(job) or "answered")  # type: ignore[misc]
+        await self._after_send(lambda: self.store.set_inbound_status(stored.message_id, status))
         log.debug("message %s (%s) done", stored.message_id, inbound.kind)
 
     async def _state(self, conversation_id: int) -> str:
@@ -199,6 +307,7 @@ class Pipeline:
         text, was_cut = truncate(text, self._settings.service.max_message_chars)
         scores = await self._classifier.classify(text)
         await self.store.set_sentiment(stored.message_id, scores)
+        metrics.SENTIMENT.labels(scores.label).inc()
         await self.store.log_event(
             "message", user_id=stored.user_id, conversation_id=stored.conversation_id,
             message_id=stored.message_id, value=scores.label,
@@ -216,8 +325,7 @@ class Pipeline:
                 stored.conversation_id,
                 Reply(f"Your message was very long, so I read only its first {limit:,} "
                       "characters.", Sender.SYSTEM),
-                reply_to=stored.message_id,
-            )
+            )  # no reply_to: a notice, not the answer (recovery must still answer)
         recent = await self.store.recent_customer_messages(stored.conversation_id, 12)
         decision = self._policy.decide(
             text, [r["p_negative"] for r in recent], [r["text"] for r in recent[:-1]]
@@ -258,18 +366,33 @@ class Pipeline:
 
     async def _on_click(self, job: _Job) -> str:
         stored, item = job.stored, job.inbound.payload
-        await self.store.log_event(
-            "suggestion_clicked", user_id=stored.user_id, conversation_id=stored.conversation_id,
-            message_id=stored.message_id, item_id=item,
-        )
+        # Every adapter shows the clicked article (its link or its text), so a click is
+        # also a view: the recommender learns from views.
+        await self.store.log_events([
+            {"type": kind, "user_id": stored.user_id, "conversation_id": stored.conversation_id,
+             "message_id": stored.message_id, "item_id": item}
+            for kind in ("suggestion_clicked", "article_viewed")
+        ])
         return "logged"
 
     async def _on_reaction(self, job: _Job) -> str:
-        stored = job.stored
+        """A reaction to a bot message is feedback on the article it cited (or, without a
+        citation, the first one it suggested), so the recommender can learn from it."""
+        stored, target = job.stored, job.inbound.text
+        item: str | None = None
+        if target:
+            row = await self.store.outbound_by_platform_id(job.inbound.platform, target)
+            if row is not None and row["conversation_id"] == stored.conversation_id:
+                try:
+                    shown = json.loads(row["payload"] or "{}")
+                except ValueError:
+                    shown = {}
+                items = [*shown.get("citations", []), *shown.get("suggestions", [])]
+                item = str(items[0]) if items else None
         await self.store.log_event(
             "feedback", user_id=stored.user_id, conversation_id=stored.conversation_id,
-            message_id=stored.message_id, value=job.inbound.payload,
-            data={"source": "reaction", "target": job.inbound.text},
+            message_id=stored.message_id, value=job.inbound.payload, item_id=item,
+            data={"source": "reaction", "target": target},
         )
         return "logged"
 
@@ -383,23 +506,36 @@ class Pipeline:
             self._active.pop(stored.conversation_id, None)
         suggestions = await suggestions_task
         reply = Reply(reply_text, Sender.BOT, tuple(suggestions), citations)
-        platform_id = await stream.finish(reply)
+        shown = {"citations": [c.id for c in citations], "suggestions": [s.id for s in suggestions]}
+        try:  # complete and about to go out: from here on it is never generated again
+            await self.store.finish_outbound(
+                out_id, text=reply_text, status="sending", payload=json.dumps(shown)
+            )
+        except StoreError:
+            await stream.abort()
+            raise
+        try:
+            platform_id = await stream.finish(reply)
+        except Exception as exc:  # the platform refused it: not sent, say so in the store
+            await self.store.finish_outbound(out_id, status="failed", error=str(exc)[:500])
+            raise
         latency = time.perf_counter() - started
-        await self.store.finish_outbound(
-            out_id, text=reply_text, status="sent", platform_message_id=platform_id,
+        await self._after_send(lambda: self.store.finish_outbound(
+            out_id, status="sent", platform_message_id=platform_id,
             latency_ms=latency * 1000, first_token_ms=first_token[0] if first_token else None,
-        )
+        ))
         metrics.REPLIES.labels("answered").inc()
         metrics.REPLY_LATENCY.observe(latency)
         if first_token:
             metrics.FIRST_TOKEN.observe(first_token[0] / 1000)
         if suggestions:
-            await self.store.log_events([
+            rows = [
                 {"type": "suggestion_shown", "user_id": stored.user_id,
                  "conversation_id": stored.conversation_id, "message_id": out_id,
                  "item_id": s.id, "position": i, "data": json.dumps({"arm": arm_of(s)})}
                 for i, s in enumerate(suggestions)
-            ])
+            ]
+            await self._after_send(lambda: self.store.log_events(rows))
         return "answered"
 
     async def _generate(
@@ -454,6 +590,7 @@ class Pipeline:
         error = str(exc) or type(exc).__name__
         log.warning("generation failed for message %s: %s", job.stored.message_id, error)
         metrics.REPLIES.labels("fallback").inc()
+        metrics.GENERATOR_ERRORS.labels(self._error_kind(exc)).inc()
         await stream.abort()
         await self.store.finish_outbound(
             out_id, status="failed", error=error,
@@ -476,6 +613,19 @@ class Pipeline:
             )
             await self.operators.announce(ticket_id)
         return "fallback"
+
+    def _error_kind(self, exc: BaseException) -> str:
+        breaker = getattr(self._generator, "breaker", None)
+        if breaker is not None and str(breaker.state) == "open":
+            return "circuit_open"
+        text = str(exc)
+        if isinstance(exc, TimeoutError) or "within" in text or "timed out" in text:
+            return "timeout"
+        if getattr(exc, "partial", False):
+            return "cut_mid_stream"
+        if "empty" in text:
+            return "empty"
+        return "error"
 
     async def _suggest(
         self, stored: StoredInbound, text: str, history: list[tuple[str, str]]
@@ -506,7 +656,8 @@ class Pipeline:
         """Send a whole message, stored as pending before and sent after."""
         convo = await self.store.conversation(conversation_id)
         out_id = await self.store.begin_outbound(
-            conversation_id, convo["platform"], reply.sender.value, reply_to, reply.text
+            conversation_id, convo["platform"], reply.sender.value, reply_to, reply.text,
+            status="sending",
         )
         channel = self.channels.get(convo["platform"])
         if channel is None:
@@ -517,7 +668,7 @@ class Pipeline:
         except Exception as exc:
             await self.store.finish_outbound(out_id, status="failed", error=str(exc)[:500])
             raise
-        await self.store.finish_outbound(
+        await self._after_send(lambda: self.store.finish_outbound(
             out_id, status="sent", platform_message_id=platform_id,
             author=None if operator is None else operator.label,
-        )
+        ))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +20,16 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import sqlite_utils
 
+from core import metrics
 from core.messages import Inbound, User
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+# A lock the busy timeout could not wait out is retried this many more times, with
+# these pauses (seconds) between tries; anything else fails at once.
+LOCK_RETRY_DELAYS_S: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 ConversationState = Literal["bot", "escalated", "operator", "resolved"]
 EventType = Literal[
@@ -146,6 +154,11 @@ class StoreError(Exception):
     """The database refused an operation (locked, disk full, corrupt)."""
 
 
+def _is_lock(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
 class Store(Protocol):
     """What the core needs from persistence; :class:`SQLiteStore` is the implementation."""
 
@@ -209,20 +222,38 @@ class SQLiteStore:
         return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except sqlite3.OperationalError as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+        """``fn`` on the store thread. A lock is retried with backoff (another process, or
+        a checkpoint, may hold it briefly); a persistent failure becomes :class:`StoreError`,
+        counted and logged, so callers decide what the customer sees."""
+        loop = asyncio.get_running_loop()
+        for delay in (*LOCK_RETRY_DELAYS_S, None):
+            try:
+                return await loop.run_in_executor(self._executor, self._call, fn, args)
+            except sqlite3.OperationalError as exc:
+                if delay is not None and _is_lock(exc):
+                    metrics.STORE_RETRIES.inc()
+                    await asyncio.sleep(delay)
+                    continue
+                kind = "locked" if _is_lock(exc) else "full" if "full" in str(exc) else "other"
+                metrics.STORE_ERRORS.labels(kind).inc()
+                log.error("database error (%s): %s", kind, exc)
+                raise StoreError(f"{self.path}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """The one place every database operation passes through, on the store thread."""
+        return fn(*args)
 
     def _tx(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         db = self.db
         db.conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(db)
+            db.conn.execute("COMMIT")
         except BaseException:
-            db.conn.execute("ROLLBACK")
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
             raise
-        db.conn.execute("COMMIT")
         return result
 
     async def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict]:
@@ -315,31 +346,48 @@ class SQLiteStore:
             )
         )
 
-    async def unfinished_inbound(self) -> list[dict]:
+    async def unfinished_inbound(self, skip: Sequence[int] = ()) -> list[dict]:
         """Inbound messages accepted but never answered (a crash or a hard stop).
 
-        A message whose bot reply was already sent (the crash came between sending and
+        A message whose reply (the bot's answer, or a system message such as the hand-off
+        notice or a command's answer) was already sent (the crash came between sending and
         marking the message done) is marked answered here instead, so it is never
-        answered twice.
+        answered twice. Notices that do not answer (the long-message notice) are stored
+        without ``reply_to``. A reply stored as ``sending`` (complete, handed to the
+        platform when the process died) counts as sent: the last hop is at most once, so
+        a customer never gets an answer twice. ``skip``: inbound ids this process is
+        handling now (their replies in progress are left alone).
         """
+        skipped = json.dumps(list(skip))
 
         def op(db: sqlite_utils.Database) -> list[dict]:
             db.execute(
+                "UPDATE messages SET status = 'sent' WHERE direction = 'out' AND status = "
+                "'sending' AND (reply_to IS NULL OR reply_to NOT IN "
+                "(SELECT value FROM json_each(?)))",
+                [skipped],
+            )
+            db.execute(
                 "UPDATE messages SET status = 'answered' WHERE direction = 'in' AND status IN "
-                "('received', 'processing') AND EXISTS (SELECT 1 FROM messages o WHERE "
-                "o.reply_to = messages.id AND o.direction = 'out' AND o.sender = 'bot' "
-                "AND o.status = 'sent')"
+                "('received', 'processing') AND id NOT IN (SELECT value FROM json_each(?)) "
+                "AND EXISTS (SELECT 1 FROM messages o WHERE o.reply_to = messages.id "
+                "AND o.direction = 'out' AND o.sender IN ('bot', 'system') "
+                "AND o.status = 'sent')",
+                [skipped],
             )
             db.execute(
                 "UPDATE messages SET status = 'failed', error = 'interrupted' "
-                "WHERE direction = 'out' AND status = 'pending'"
+                "WHERE direction = 'out' AND status = 'pending' AND (reply_to IS NULL OR "
+                "reply_to NOT IN (SELECT value FROM json_each(?)))",
+                [skipped],
             )
             return list(db.query(
                 "SELECT m.*, c.conversation_key, u.platform_user_id, u.display_name "
                 "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
                 "JOIN users u ON u.id = c.user_id "
                 "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') "
-                "ORDER BY m.id"
+                "AND m.id NOT IN (SELECT value FROM json_each(?)) ORDER BY m.id",
+                [skipped],
             ))
 
         return await self._run(self._tx, op)
@@ -347,9 +395,11 @@ class SQLiteStore:
     # -- outbound --------------------------------------------------------------------
 
     async def begin_outbound(
-        self, conversation_id: int, platform: str, sender: str, reply_to: int | None, text: str = ""
+        self, conversation_id: int, platform: str, sender: str, reply_to: int | None,
+        text: str = "", status: Literal["pending", "sending"] = "pending",
     ) -> int:
-        """Record an outbound message before it is sent (status ``pending``)."""
+        """Record an outbound message before it is sent: ``pending`` while its text is
+        still being generated, ``sending`` once it is complete and about to go out."""
 
         def insert() -> int:
             return int(
@@ -361,7 +411,7 @@ class SQLiteStore:
                         "platform": platform,
                         "kind": "text",
                         "text": text,
-                        "status": "pending",
+                        "status": status,
                         "reply_to": reply_to,
                         "created_at": now_iso(),
                     }
@@ -373,6 +423,15 @@ class SQLiteStore:
     async def finish_outbound(self, message_id: int, **fields: Any) -> None:
         """Mark an outbound message sent or failed, with its text and timings."""
         await self._run(lambda: self.db["messages"].update(message_id, fields))
+
+    async def outbound_by_platform_id(self, platform: str, platform_message_id: str) -> dict | None:
+        """The message the bot sent with this platform id (what a reaction points at)."""
+        rows = await self.query(
+            "SELECT * FROM messages WHERE direction = 'out' AND platform = ? "
+            "AND platform_message_id = ? ORDER BY id DESC LIMIT 1",
+            [platform, platform_message_id],
+        )
+        return rows[0] if rows else None
 
     # -- conversations ---------------------------------------------------------------
 

@@ -132,3 +132,42 @@ async def test_reply_sent_before_a_crash_is_not_sent_again(tmp_path: Path) -> No
         assert status[0]["status"] == "answered"
     finally:
         await service.stop()
+
+
+async def test_reply_handed_to_the_platform_when_the_process_died_is_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    """The crash came after the complete reply was stored as ``sending`` and handed to the
+    platform, before it was recorded as sent: the last hop is at most once, so it counts as
+    sent (the reconnecting tab finds it in the transcript) and is not generated again."""
+    settings = make_settings(tmp_path)
+    store = SQLiteStore(settings.store.path)
+    await store.open()
+    stored = await store.record_inbound(
+        Inbound("web", "sending-session", User("web", "sending-session"), "x:1", "Hi there")
+    )
+    assert stored is not None
+    await store.set_inbound_status(stored.message_id, "processing")
+    out = await store.begin_outbound(stored.conversation_id, "web", "bot", stored.message_id)
+    await store.finish_outbound(out, text="Hello! How can I help?", status="sending")
+    await store.close()
+
+    service = Service(settings)
+    await service.start()
+    try:
+        port = service.adapters[0].port  # type: ignore[attr-defined]
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"http://127.0.0.1:{port}/ws?session=sending-session")
+            hello = await ws.receive_json(timeout=10)
+            assert [(ln["direction"], ln["text"]) for ln in hello["transcript"]] == [
+                ("in", "Hi there"), ("out", "Hello! How can I help?")]
+            await asyncio.sleep(1.0)
+            rows = await service.store.query(
+                "SELECT status FROM messages WHERE direction = 'out'")
+            assert rows == [{"status": "sent"}]
+            status = await service.store.query("SELECT status FROM messages WHERE id = ?",
+                                               [stored.message_id])
+            assert status[0]["status"] == "answered"
+            await ws.close()
+    finally:
+        await service.stop()
