@@ -221,6 +221,9 @@ class _Recent:
     def get(self, key: Hashable) -> Any:
         return self._items.get(key)
 
+    def discard(self, key: Hashable) -> None:
+        self._items.pop(key, None)
+
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items
 
@@ -805,7 +808,19 @@ class DiscordAdapter(Adapter, CustomerChannel):
         if inbound is None:
             return
         self._last_inbound.add(key, message.id)
-        if not await self.pipeline.submit(inbound):
+        try:
+            accepted = await self.pipeline.submit(inbound)
+        except Exception:
+            # Not stored: forget we saw it and ask for it again rather than drop it silently.
+            self._seen.discard(("message", message.id))
+            log.exception("discord: could not accept message %s", message.id)
+            try:
+                await self.send(key, "Sorry, I could not take that message just now. "
+                                     "Please send it again.")
+            except Exception:
+                log.exception("discord: could not ask for message %s again", message.id)
+            return
+        if not accepted:
             log.info("discord: message %s was delivered before; ignored", message.id)
 
     def _key_for_channel(self, channel_id: int, guild_id: int | None, user_id: int) -> str:

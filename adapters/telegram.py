@@ -307,6 +307,7 @@ class FloodGate:
             self._warned_until.pop(user_id, None)
 
 
+RESEND_TEXT = "Sorry, I could not take that message just now. Please send it again."
 SLOW_DOWN = (
     "You're sending messages faster than I can answer. I've got all of them and will reply "
     "in order. Please give me a moment."
@@ -835,7 +836,17 @@ class TelegramAdapter(Adapter, CustomerChannel):
         return web.Response(status=200)
 
     async def _on_ptb_update(self, update: Update, _: ContextTypes.DEFAULT_TYPE) -> None:
-        await self.dispatch(update)
+        try:
+            await self.dispatch(update)
+        except Exception:
+            # Polling has already moved past this update, so Telegram will not send it
+            # again: ask the customer to, rather than drop the message silently.
+            log.exception("update %s could not be accepted", update.update_id)
+            message = update.message
+            if message is not None:
+                target = Target(message.chat.id,
+                                message.message_thread_id if message.is_topic_message else None)
+                self.spawn(self.send(target, RESEND_TEXT))
 
     async def _on_ptb_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram update %r failed", update, exc_info=context.error)

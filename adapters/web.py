@@ -364,7 +364,7 @@ class WebAdapter(Adapter, CustomerChannel):
             frame = json.loads(raw)
             if not isinstance(frame, dict):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):
             await ws.send_json({"type": "error", "error": "frames must be JSON objects"})
             return
         kind = frame.get("type")
@@ -381,7 +381,8 @@ class WebAdapter(Adapter, CustomerChannel):
         elif kind == "click" and isinstance(frame.get("suggestion"), str):
             inbound = self._inbound(session, user, client_id, "", Kind.SUGGESTION_CLICK,
                                     frame["suggestion"][:100])
-        elif kind == "command" and frame.get("name") in _COMMANDS:
+        elif kind == "command" and isinstance(frame.get("name"), str) \
+                and frame["name"] in _COMMANDS:
             inbound = self._inbound(session, user, client_id, text, Kind.COMMAND, frame["name"])
         else:
             await ws.send_json({"type": "error", "error": f"unknown frame type {kind!r}"})

@@ -194,3 +194,33 @@ async def test_a_reply_that_cannot_be_delivered_is_a_json_502_naming_why(
         resp = await http.get(url)
         assert resp.status == 401 and (await resp.json()) == {"error": "operator token required"}
     assert f"operator reply on ticket {tid} failed" in caplog.text
+
+
+async def test_hostile_customer_frames_get_error_frames_and_the_socket_stays_open(
+    desk: Desk,
+) -> None:
+    """JSON nested 100,000 levels deep (json.loads gives up with RecursionError) and a
+    command whose name is a list are answered with an error frame; the same socket then
+    carries a normal message to a real answer, and only that message is stored."""
+    async with aiohttp.ClientSession() as http:
+        customer = await Customer.connect(http, desk.base, "guards-frames-1")
+        deep = '{"type": "message", "id": "deep1", "text": ' + "[" * 100_000 \
+            + "]" * 100_000 + "}"
+        assert len(deep) < desk.settings.web.max_ws_message_bytes
+        await customer.ws.send_str(deep)
+        assert await customer.next_frame(10) == {
+            "type": "error", "error": "frames must be JSON objects"}
+        await customer.ws.send_json({"type": "command", "id": "cmd1", "name": ["x"]})
+        assert await customer.next_frame(10) == {
+            "type": "error", "error": "unknown frame type 'command'"}
+        await customer.ws.send_json({"type": "command", "id": "cmd2", "name": {"a": 1}})
+        assert (await customer.next_frame(10))["error"] == "unknown frame type 'command'"
+
+        client_id = await customer.say("Where is my order?")
+        ack = await customer.next_frame(10)
+        assert ack == {"type": "ack", "id": client_id, "duplicate": False}
+        reply = await customer.until("reply", timeout=60)
+        assert reply["text"] == desk.generator.answer
+        assert not customer.ws.closed
+    rows = await desk.store.query("SELECT text FROM messages WHERE direction = 'in'")
+    assert [r["text"] for r in rows] == ["Where is my order?"]

@@ -57,14 +57,35 @@
 
   function newId() { return Date.now().toString(36) + Math.random().toString(36).slice(2, 8); }
 
+  // On every (re)connect the server's transcript is the truth: a reconnecting tab may have
+  // missed replies (sent while it was away, or after a restart), so the log is redrawn from it.
+  function showTranscript(transcript) {
+    log.replaceChildren();
+    bubbles.clear();
+    const stored = [];
+    // Commands and clicks are stored with empty text; they are not part of the chat.
+    for (const line of transcript) {
+      if (!line.text) continue;
+      bubble(line.direction === "in" ? "customer" : line.sender, line.text);
+      if (line.direction === "in") stored.push(line.text);
+    }
+    // Unacknowledged messages, oldest first: those stored before their ack was lost end the
+    // transcript already; the rest (and commands, never in it) are drawn again and re-sent.
+    const texts = [...pending.values()].filter(p => p.type === "message").map(p => p.text);
+    let shown = 0;
+    for (let k = Math.min(texts.length, stored.length); k > 0 && !shown; k--) {
+      const tail = stored.slice(stored.length - k);
+      if (texts.slice(0, k).every((t, i) => t === tail[i])) shown = k;
+    }
+    for (const p of pending.values()) {
+      if (p.type === "command") bubble("customer", "/" + p.name);
+      else if (p.type === "message" && shown-- <= 0) bubble("customer", p.text);
+    }
+  }
+
   function onFrame(f) {
     if (f.type === "hello") {
-      if (!log.childElementCount) {
-        // Commands and clicks are stored with empty text; they are not part of the chat.
-        for (const line of f.transcript) {
-          if (line.text) bubble(line.direction === "in" ? "customer" : line.sender, line.text);
-        }
-      }
+      showTranscript(f.transcript);
       for (const frame of pending.values()) ws.send(JSON.stringify(frame));
     } else if (f.type === "ack") {
       pending.delete(f.id);

@@ -89,7 +89,7 @@ class NeutralClassifier:
 
 _BUSY_SQL = (
     "SELECT SUM(direction = 'in') AS got, SUM((direction = 'in' AND status IN "
-    "('received', 'processing')) OR (direction = 'out' AND status = 'pending')) "
+    "('received', 'processing')) OR (direction = 'out' AND status IN ('pending', 'sending'))) "
     "AS busy FROM messages"
 )
 

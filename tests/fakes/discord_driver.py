@@ -8,7 +8,7 @@ on a real SQLite store, and customers who write to the bot in their DMs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,12 +136,14 @@ def discord_settings(world: World, tmp_path: Path, *,
 async def running_bot(world: World, classifier: Any, tmp_path: Path, *,
                       generator: Any = None, recommender: Any = None, grounded: bool = False,
                       sections: dict[str, dict[str, Any]] | None = None,
+                      store_factory: Callable[[Path], SQLiteStore] = SQLiteStore,
                       **extra: Any) -> AsyncIterator[Bot]:
     """The adapter started on a real pipeline and store; ``grounded`` wires the knowledge
-    base grounder (``recommender.knowledge_dir``) as the service does."""
+    base grounder (``recommender.knowledge_dir``) as the service does. ``store_factory``
+    builds the store from its path (a subclass that fails on purpose, say)."""
     settings = discord_settings(world, tmp_path, sections=sections, **extra)
     grounder = await open_grounder(settings) if grounded else None
-    store = SQLiteStore(settings.store.path)
+    store = store_factory(Path(settings.store.path))
     await store.open()
     generator = generator or ScriptedGenerator()
     pipeline = Pipeline(settings, store, classifier, generator, recommender, grounder)

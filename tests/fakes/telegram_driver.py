@@ -51,14 +51,16 @@ async def telegram_harnesses(tmp_path: Path, generator: Any, classifier: Any, *,
     """Yields ``start(**telegram settings)``; everything started is stopped on exit.
 
     ``start`` takes ``webhook_secret``, ``recommender``, ``grounded`` (answers grounded in
-    ``recommender.knowledge_dir``, as the service wires them), ``escalation`` and
-    ``sections`` (other settings sections) besides the ``[telegram]`` keys.
+    ``recommender.knowledge_dir``, as the service wires them), ``escalation``, ``sections``
+    (other settings sections) and ``store_factory`` (builds the store from its path: a
+    subclass that fails on purpose, say) besides the ``[telegram]`` keys.
     """
     harnesses: list[Harness] = []
 
     async def start(*, webhook_secret: str | None = None, recommender: Any = None,
                     grounded: bool = False, escalation: dict[str, Any] | None = None,
                     sections: dict[str, dict[str, Any]] | None = None,
+                    store_factory: Callable[[Path], SQLiteStore] = SQLiteStore,
                     **telegram: Any) -> Harness:
         fake = await FakeTelegram().start()
         tg = {
@@ -72,7 +74,7 @@ async def telegram_harnesses(tmp_path: Path, generator: Any, classifier: Any, *,
                                       "escalation": escalation or {}, **(sections or {})},
         )
         grounder = await open_grounder(settings) if grounded else None
-        store = SQLiteStore(settings.store.path)
+        store = store_factory(Path(settings.store.path))
         await store.open()
         pipeline = Pipeline(settings, store, classifier, generator, recommender, grounder)
         adapter = TelegramAdapter(settings.telegram, fake.token, webhook_secret=webhook_secret)
