@@ -221,14 +221,15 @@ class BenchStore(SQLiteStore):
 
 
 class Timed:
-    """A real component, with the time of every call of one async method recorded."""
+    """A real component, with the time and result of every call of one async method."""
 
-    __slots__ = ("_inner", "_method", "seconds")
+    __slots__ = ("_inner", "_method", "results", "seconds")
 
     def __init__(self, inner: Any, method: str) -> None:
         self._inner = inner
         self._method = method
         self.seconds: list[float] = []
+        self.results: list[Any] = []
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -238,7 +239,9 @@ class Timed:
         async def timed(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
-                return await attr(*args, **kwargs)
+                result = await attr(*args, **kwargs)
+                self.results.append(result)
+                return result
             finally:
                 self.seconds.append(time.perf_counter() - started)
 
@@ -322,6 +325,7 @@ class PassResult:
     suggestions_s: list[float]
     model_first_token_ms: list[float]
     escalations: Counter[str]
+    groundings: Counter[str]
 
 
 async def run_pass(
@@ -379,9 +383,13 @@ async def run_pass(
         if close is not None:
             await close()
         await store.close()
+    kinds = Counter(
+        "small talk" if g.small_talk else "no answer" if g.no_answer else "grounded"
+        for g in (grounding.results if grounding else [])
+    )
     return PassResult(
         name, wall, timings, sentiment.seconds, grounding.seconds if grounding else [],
-        recommender.seconds, [r["first_token_ms"] for r in rows], reasons,
+        recommender.seconds, [r["first_token_ms"] for r in rows], reasons, kinds,
     )
 
 
@@ -448,6 +456,9 @@ def outcomes(result: PassResult) -> str:
     if result.escalations:
         reasons = ", ".join(f"{r} {n}" for r, n in result.escalations.most_common())
         text += f"; escalations by reason: {reasons}"
+    if result.groundings:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in result.groundings.most_common())
+        text += f"; groundings: {kinds}"
     return text
 
 

@@ -7,6 +7,12 @@ articles. When nothing clears the retriever's similarity threshold the answer is
 ``no_answer``: the pipeline says so (:data:`NO_ANSWER_TEXT`) and hands the chat to a person
 instead of letting the model guess.
 
+Greetings, thanks and closings ("thanks!", "ok bye", "👍") match no article either, but handing
+them to a person wastes an operator's time: :class:`SmallTalkDetector` recognises them (a
+vocabulary of small-talk words, emoji, or a short message whose MiniLM embedding is close to
+one of the exemplars in ``knowledge/small_talk.toml`` and asks nothing), and the grounding is
+then ``small_talk``: a brief, friendly answer without facts or citations, and no hand-off.
+
 A model fine-tuned on the Bitext data writes placeholders such as ``{{Order Number}}`` where
 the data set anonymised a value. :func:`fill_placeholders` fills them from what the customer
 already told us (:func:`extract_context`) or from configured facts, and otherwise rewrites
@@ -20,13 +26,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
-from collections.abc import Mapping, Sequence
+import threading
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from core.knowledge import KnowledgeError
 from core.messages import Citation
-from core.retrieval import Hit, RetrievalError, Retriever, citations
+from core.retrieval import Hit, RetrievalError, Retriever, citations, retrieval_query
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +68,16 @@ DEFAULT_MAX_CONTEXT_CHARS = 2400
 """About 600 tokens of passages: enough for three passages without crowding out the history."""
 DEFAULT_CITE_MARGIN = 0.05
 """A passage's article is cited when its score is within this of the best hit's score."""
-DEFAULT_RELOAD_INTERVAL_S = 30.0
+SMALL_TALK_FILE = "small_talk.toml"
+SHIPPED_SMALL_TALK = Path(__file__).resolve().parents[1] / "knowledge" / SMALL_TALK_FILE
+"""The exemplars used when the knowledge folder has no ``small_talk.toml`` of its own."""
+DEFAULT_SMALL_TALK_THRESHOLD = 0.45
+"""Cosine similarity to the nearest exemplar. Chosen without the evaluation's small-talk list:
+90% of the exemplars are at least this close to another exemplar, and of the 394 Bitext
+requests no article answers, one short one is this close ("I have got to speak with
+somebody")."""
+DEFAULT_SMALL_TALK_WORDS = 10
+"""Longer messages are never small talk by similarity (the longest exemplar has 7 words)."""
 
 # Context keys understood by fill_placeholders (extract_context fills the customer's ones).
 ORDER_NUMBER = "order_number"
@@ -126,11 +150,14 @@ class Grounder:
 
     The retriever's index is rebuilt when an article file changes, checked at most every
     ``reload_interval_s`` (0: never); a broken article keeps the old index and is logged.
+
+    The retriever owns the reload schedule (``reload_interval_s``, given here, sets it): it
+    looks at the article files at most once per interval, whoever asks.
     """
 
     __slots__ = (
-        "_known", "_last_check", "_reload_lock", "base_system", "cite_margin", "k",
-        "max_context_chars", "reload_interval_s", "retriever",
+        "_known", "base_system", "cite_margin", "k", "max_context_chars", "retriever",
+        "small_talk",
     )
 
     def __init__(
@@ -142,8 +169,10 @@ class Grounder:
         max_context_chars: int = DEFAULT_MAX_CONTEXT_CHARS,
         cite_margin: float = DEFAULT_CITE_MARGIN,
         known: Mapping[str, str] | None = None,
-        reload_interval_s: float = DEFAULT_RELOAD_INTERVAL_S,
+        reload_interval_s: float | None = None,
+        small_talk: SmallTalkDetector | None = None,
     ) -> None:
+        """``small_talk``: default, the exemplars of the knowledge folder (or the shipped ones)."""
         if k <= 0:
             raise ValueError("k must be at least 1")
         self.retriever = retriever
@@ -152,25 +181,42 @@ class Grounder:
         self.max_context_chars = max_context_chars
         self.cite_margin = cite_margin
         self._known = {key: value for key, value in (known or {}).items() if value.strip()}
-        self.reload_interval_s = reload_interval_s
-        self._last_check = time.monotonic()
-        self._reload_lock = asyncio.Lock()
+        if reload_interval_s is not None:
+            retriever.reload_interval_s = reload_interval_s
+        self.small_talk = small_talk or SmallTalkDetector.for_knowledge(retriever.folder)
+
+    @property
+    def reload_interval_s(self) -> float:
+        return self.retriever.reload_interval_s
 
     async def ground(self, question: str, recent_turns: Sequence[str] = ()) -> Grounding:
         """``recent_turns``: the customer's earlier messages in this chat, oldest first."""
         await self._reload_if_due()
+        if not self.small_talk.ready:
+            await asyncio.to_thread(self.small_talk.prepare, self.retriever.embed)
         context = {**self._known, **extract_context([*recent_turns, question])}
         turns = [t for t in recent_turns if not is_small_talk(t)]
-        hits = await self.retriever.asearch(
-            retrieval_query(question), [retrieval_query(t) for t in turns], self.k
-        )
-        if not hits and is_small_talk(question):
-            return Grounding(
-                system_prompt=f"{self.base_system.strip()}\n\n{SMALL_TALK_INSTRUCTION}",
-                small_talk=True,
-                context=context,
-            )
+        query = retrieval_query(question)
+        # Embedded once (and cached): for the passages, the small-talk check and, a moment
+        # later, the recommender's content step.
+        vector = await self.retriever.aembed(query)
+        recent = [retrieval_query(t) for t in turns]
+        hits = await self.retriever.asearch(query, recent, self.k)
+        if self.small_talk.detect(question, vector, answered=False):
+            # Whether an article answers the message itself: the earlier turns lift a
+            # closing ("thanks, that helps a lot!") towards the topic they were about.
+            alone = await self.retriever.asearch(query, (), 1) if recent else hits
+            if self.small_talk.detect(question, vector, answered=bool(alone)):
+                return self.small_talk_grounding(context)
         return self.from_hits(hits, context)
+
+    def small_talk_grounding(self, context: Mapping[str, str] | None = None) -> Grounding:
+        """A brief answer to a greeting or thanks: no passages, no citations, no hand-off."""
+        return Grounding(
+            system_prompt=f"{self.base_system.strip()}\n\n{SMALL_TALK_INSTRUCTION}",
+            small_talk=True,
+            context=dict(context or {}),
+        )
 
     def from_hits(self, hits: Sequence[Hit], context: Mapping[str, str] | None = None) -> Grounding:
         """The grounding for some retrieved passages (best first, all above the threshold)."""
@@ -186,25 +232,20 @@ class Grounder:
         )
 
     async def _reload_if_due(self) -> None:
-        if self.reload_interval_s <= 0:
-            return
-        if time.monotonic() - self._last_check < self.reload_interval_s:
-            return
-        async with self._reload_lock:
-            if time.monotonic() - self._last_check < self.reload_interval_s:
-                return
-            try:
-                if await self.retriever.areload_if_changed():
-                    log.info("knowledge base changed: retrieval index rebuilt")
-            except (KnowledgeError, RetrievalError, OSError) as exc:
-                log.error("knowledge base not reloaded, keeping the old index: %s", exc)
-            finally:
-                self._last_check = time.monotonic()
+        try:
+            if await self.retriever.areload_if_due():
+                log.info("knowledge base changed: retrieval index rebuilt")
+        except (KnowledgeError, RetrievalError, OSError) as exc:
+            log.error("knowledge base not reloaded, keeping the old index: %s", exc)
 
+
+# -- small talk -----------------------------------------------------------------------------
 
 _SMALL_TALK_RE = re.compile(
-    r"(?:(?:hi|hello|hey|hiya|howdy|good (?:morning|afternoon|evening|day)|greetings|thanks?"
-    r"|thank you|thx|ty|cheers|much appreciated|ok|okay|k|alright|all right|great|perfect|cool"
+    r"(?:(?:hi|hello|hey|hiya|howdy|good (?:morning|afternoon|evening|day|night)|morning"
+    r"|evening|greetings|how are you(?: doing)?(?: today)?|thanks?|thank (?:you|u)|thx|ty"
+    r"|cheers|much appreciated|no worries|will do"
+    r"|ok|okay|k|alright|all right|great|perfect|cool"
     r"|awesome|nice|fine|wonderful|excellent|got it|understood|i see|bye|goodbye|good bye"
     r"|see you|see ya|have a (?:good|nice) (?:day|one)|yes|yeah|yep|yup|no|nope|sure|please"
     r"|that helped|that's all|that is all|all good|are you there|anyone there|you there"
@@ -214,20 +255,105 @@ _SMALL_TALK_RE = re.compile(
 )
 
 
-_IDENTIFIER_RE = re.compile(r"#?\b(?=[A-Za-z-]*\d)[A-Za-z0-9-]{4,}\b")
+_NO_WORD_RE = re.compile(r"[^\W_]")
+_MAX_SYMBOLS = 24
+_ASKS_RE = re.compile(
+    r"(?i)\b(?:what|how|why|when|where|who|whom|which|whose)\b|^\W*(?:please\s+)?(?:translate"
+    r"|write|tell|explain|solve|calculate|compute|book|recommend|find|show|give|define|list"
+    r"|summari[sz]e|convert)\b"
+)
+"""A request for information or a task: never small talk by similarity alone."""
 
 
-def retrieval_query(text: str) -> str:
-    """``text`` without order numbers and similar ids, which say nothing about the topic but
-    pull its similarity to every article down ("cancel order 113542617735902")."""
-    return " ".join(_IDENTIFIER_RE.sub(" ", text).split()) or text
+def _words(text: str) -> str:
+    words = re.sub(r"[^a-z' ]+", " ", text.lower().replace("\u2019", "'"))
+    return " ".join(words.split())
 
 
 def is_small_talk(text: str) -> bool:
-    """A greeting, thanks, yes/no or "can you help?" with no question in it."""
-    words = re.sub(r"[^a-z' ]+", " ", text.lower().replace("\u2019", "'"))
-    words = " ".join(words.split())
+    """A greeting, thanks, yes/no or "can you help?" with no question in it, or only emoji
+    and punctuation ("👍", ":)"). Words only, no model: cheap enough for every turn."""
+    stripped = text.strip()
+    if stripped and len(stripped) <= _MAX_SYMBOLS and not _NO_WORD_RE.search(stripped):
+        return True
+    words = _words(text)
     return bool(words) and len(words) <= 60 and bool(_SMALL_TALK_RE.fullmatch(words))
+
+
+def load_small_talk(path: Path) -> tuple[str, ...]:
+    """The ``exemplars = [...]`` of a small-talk file; errors name the file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KnowledgeError(f"{path}: small-talk exemplar file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise KnowledgeError(f"{path}: not valid TOML ({exc})") from None
+    values = data.get("exemplars")
+    if not isinstance(values, list) or not values:
+        raise KnowledgeError(f"{path}: missing the list 'exemplars'")
+    for n, value in enumerate(values, 1):
+        if not isinstance(value, str) or not value.strip():
+            raise KnowledgeError(f"{path}: exemplars item {n} must be a non-empty string")
+    return tuple(dict.fromkeys(v.strip() for v in values))
+
+
+class SmallTalkDetector:
+    """Greetings, thanks and closings: the word patterns of :func:`is_small_talk`, or a short
+    message that asks nothing, that no article answers and whose embedding is within
+    ``threshold`` cosine similarity of an exemplar.
+
+    The exemplars are embedded once, by :meth:`prepare` (blocking; the grounder runs it in a
+    worker thread), with the retriever's encoder.
+    """
+
+    __slots__ = ("_lock", "_vectors", "exemplars", "max_words", "threshold")
+
+    def __init__(
+        self,
+        exemplars: Sequence[str],
+        *,
+        threshold: float = DEFAULT_SMALL_TALK_THRESHOLD,
+        max_words: int = DEFAULT_SMALL_TALK_WORDS,
+    ) -> None:
+        if not exemplars:
+            raise ValueError("small talk needs at least one exemplar")
+        self.exemplars = tuple(exemplars)
+        self.threshold = threshold
+        self.max_words = max_words
+        self._vectors: NDArray[np.float32] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_knowledge(cls, folder: Path, **kwargs: float) -> SmallTalkDetector:
+        """The knowledge folder's ``small_talk.toml``, else the shipped exemplars."""
+        own = Path(folder) / SMALL_TALK_FILE
+        return cls(load_small_talk(own if own.is_file() else SHIPPED_SMALL_TALK), **kwargs)
+
+    @property
+    def ready(self) -> bool:
+        return self._vectors is not None
+
+    def prepare(self, embed: Callable[[Sequence[str]], NDArray[np.float32]]) -> None:
+        """Embed the exemplars (once; later calls return at once). Blocking."""
+        with self._lock:
+            if self._vectors is None:
+                self._vectors = np.ascontiguousarray(embed(self.exemplars), dtype=np.float32)
+
+    def similarity(self, vector: NDArray[np.float32]) -> float:
+        """Cosine similarity of a (normalised) message vector to the nearest exemplar."""
+        if self._vectors is None:
+            raise RuntimeError("SmallTalkDetector.prepare() first")
+        return float((self._vectors @ vector).max())
+
+    def detect(self, text: str, vector: NDArray[np.float32], *, answered: bool) -> bool:
+        """``answered``: some passage cleared the retriever's threshold for this message."""
+        if is_small_talk(text):
+            return True
+        if answered or _ASKS_RE.search(text):
+            return False
+        if not 0 < len(_words(text).split()) <= self.max_words:
+            return False
+        return self.similarity(vector) >= self.threshold
 
 
 # -- what the customer told us -----------------------------------------------------------------

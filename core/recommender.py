@@ -32,6 +32,7 @@ from scipy import sparse
 
 from core.knowledge import Article, KnowledgeBase
 from core.messages import Suggestion
+from core.retrieval import matvec
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -377,7 +378,8 @@ class CFModel:
             if row is None:
                 return None
             return np.asarray(
-                self._model.item_factors @ self._model.user_factors[row], dtype=np.float32
+                matvec(self._model.item_factors, self._model.user_factors[row]),
+                dtype=np.float32,
             )
         if not cols:
             return None
@@ -387,8 +389,8 @@ class CFModel:
             shape=(1, len(self.items)),
         )
         if self.kind == "als":
-            vector = self._model.recalculate_user(0, user_row)
-            return np.asarray(self._model.item_factors @ vector, dtype=np.float32)
+            vector = np.asarray(self._model.recalculate_user(0, user_row)).reshape(-1)
+            return np.asarray(matvec(self._model.item_factors, vector), dtype=np.float32)
         return np.asarray((user_row @ self._model.similarity).toarray()[0], dtype=np.float32)
 
     def batch_scores(self, rows: NDArray[np.int64]) -> NDArray[np.float32]:
@@ -478,16 +480,6 @@ def blend(
     ]
 
 
-def explore_pick(
-    candidates: Sequence[str], impressions: Mapping[str, int], rng: random.Random
-) -> str | None:
-    """A candidate drawn with weight 1 / (1 + times shown): new articles are likeliest."""
-    if not candidates:
-        return None
-    weights = [1.0 / (1.0 + impressions.get(c, 0)) for c in candidates]
-    return rng.choices(list(candidates), weights=weights, k=1)[0]
-
-
 # -- the recommender -------------------------------------------------------------------------
 
 
@@ -529,20 +521,31 @@ class _View:
     """The model's column of each catalog item (0 where the model lacks it; see ``known``)."""
     known: NDArray[np.bool_]
     popularity: NDArray[np.float32]
+    shown: NDArray[np.float64]
+    """Times each item was shown: in the model's log, plus since it was trained (this array
+    is counted up on the event loop as suggestions go out); exploration favours low counts."""
 
     @classmethod
-    def of(cls, kb: KnowledgeBase, model: CFModel | None) -> _View:
+    def of(
+        cls, kb: KnowledgeBase, model: CFModel | None, recent: Mapping[str, int] | None = None
+    ) -> _View:
         items = kb.ids()
+        index = {item: i for i, item in enumerate(items)}
         columns = np.full(len(items), -1, dtype=np.int64)
         popularity = np.zeros(len(items), dtype=np.float32)
+        shown = np.zeros(len(items), dtype=np.float64)
         if model is not None:
             columns = np.asarray([model.item_index.get(i, -1) for i in items], dtype=np.int64)
             popularity = np.where(columns >= 0, model.popularity[np.maximum(columns, 0)], 0.0)
+        for counts in (model.impressions if model is not None else {}, recent or {}):
+            for item, count in counts.items():
+                position = index.get(item)
+                if position is not None:
+                    shown[position] += count
         return cls(
-            knowledge=kb, model=model, items=items,
-            index={item: i for i, item in enumerate(items)},
+            knowledge=kb, model=model, items=items, index=index,
             articles={a.id: a for a in kb}, columns=np.maximum(columns, 0), known=columns >= 0,
-            popularity=popularity.astype(np.float32),
+            popularity=popularity.astype(np.float32), shown=shown,
         )
 
 
@@ -683,7 +686,7 @@ class HybridRecommender:
     def _view(self, kb: KnowledgeBase, model: CFModel | None) -> _View:
         view = self._aligned
         if view is None or view.knowledge is not kb or view.model is not model:
-            view = self._aligned = _View.of(kb, model)
+            view = self._aligned = _View.of(kb, model, self._recent_shows)
         return view
 
     async def suggest(self, request: SuggestionRequest, k: int) -> list[Suggestion]:
@@ -711,20 +714,26 @@ class HybridRecommender:
             if article is not None:
                 suggestions.append(RankedSuggestion(article.id, article.title, article.url, r.arm))
                 self._recent_shows[article.id] += 1
+                if self._aligned is view:
+                    view.shown[view.index[article.id]] += 1
         return suggestions
 
     def _explore(
         self, ranked: list[Ranked], view: _View, history: UserHistory, k: int
     ) -> list[Ranked]:
-        """Give the last slot (or a free one) to a rarely shown article."""
-        chosen = {r.item_id for r in ranked}
-        pool = [i for i in view.items if i not in chosen and i not in history.seen]
-        impressions: Counter[str] = Counter(self._recent_shows)
-        if view.model is not None:
-            impressions.update(view.model.impressions)
-        pick = explore_pick(pool, impressions, self._rng)
-        if pick is None:
+        """Give the last slot (or a free one) to a rarely shown article: drawn with weight
+        1 / (1 + times shown), over arrays (no per-article Python work on a big catalog)."""
+        weights = 1.0 / (1.0 + view.shown)
+        for item in (*(r.item_id for r in ranked), *history.seen):
+            position = view.index.get(item)
+            if position is not None:
+                weights[position] = 0.0
+        cumulative = np.cumsum(weights)
+        total = float(cumulative[-1]) if len(cumulative) else 0.0
+        if total <= 0:
             return ranked
+        at = int(np.searchsorted(cumulative, self._rng.random() * total, side="right"))
+        pick = view.items[min(at, len(view.items) - 1)]
         keep = ranked if len(ranked) < k else ranked[: k - 1]
         return [*keep, Ranked(pick, 0.0, "explore")]
 

@@ -2,6 +2,9 @@
 
 The knowledge base and its MiniLM/BM25 index come from :mod:`core.retrieval` (one encoder
 for grounding and suggestions); the collaborative part learns from the store's events.
+The content step asks the retriever the same question the grounder asked (ids left out,
+small-talk turns skipped), so the query embedding the grounder just computed is reused
+from the retriever's cache instead of being encoded again.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from core.config import ConfigError, RecommenderSettings, Settings
+from core.grounding import is_small_talk
 from core.knowledge import KnowledgeBase
 from core.recommender import CFParams, HybridConfig, HybridRecommender
-from core.retrieval import Retriever
+from core.retrieval import Retriever, retrieval_query
 
 if TYPE_CHECKING:
     from core.store import SQLiteStore
@@ -34,12 +38,14 @@ class RetrieverContent:
 
     async def match(self, text: str, recent: Sequence[str], passages: int) -> dict[str, float]:
         scores: dict[str, float] = {}
-        for hit in await self._retriever.asearch(text, recent, k=passages):
+        turns = [retrieval_query(t) for t in recent if not is_small_talk(t)]
+        for hit in await self._retriever.asearch(retrieval_query(text), turns, k=passages):
             scores[hit.article_id] = max(scores.get(hit.article_id, 0.0), hit.score)
         return scores
 
     async def refresh(self) -> bool:
-        return await self._retriever.areload_if_changed()
+        """The retriever's own schedule decides; it looks once per interval whoever asks."""
+        return await self._retriever.areload_if_due()
 
 
 def hybrid_config(settings: RecommenderSettings) -> HybridConfig:

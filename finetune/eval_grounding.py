@@ -3,10 +3,12 @@
 Each question goes through the :class:`~core.grounding.Grounder` the service uses, at the
 configured threshold and k. For questions the knowledge base answers (the hand-written ones
 in ``knowledge/eval_questions.toml`` and a hash-picked sample of Bitext requests, labeled by
-``knowledge/intent_map.toml``) it prints the share answered (not handed off), the share whose
-citations include a labeled article, and the share whose first citation is one. For the
-out-of-scope questions it prints the share handed off ("I don't know" plus a person); the goal
-is at least 0.9. ``--sweep`` shows the same at other thresholds, to choose one.
+``knowledge/intent_map.toml``) it prints the share answered from passages, the share whose
+citations include a labeled article, and the share whose first citation is one. Every set
+also shows the share taken for small talk (a brief answer, no citations) and the share handed
+off. Goals: at least 0.9 of the out-of-scope questions handed off ("I don't know" plus a
+person), and at least 0.9 of the small-talk messages (greetings, thanks, closings) answered
+without a hand-off. ``--sweep`` shows the same at other thresholds, to choose one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.config import ConfigError, load_settings
-from core.grounding import DEFAULT_K, Grounder, is_small_talk, retrieval_query
+from core.grounding import DEFAULT_K, Grounder, Grounding, retrieval_query
 from core.knowledge import KnowledgeBase, KnowledgeError, load_knowledge
 from core.retrieval import DEFAULT_THRESHOLD, Encoder, Hit, MiniLMEncoder, RetrievalError, Retriever
 from finetune.eval_retrieval import (
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 DEFAULT_QUESTIONS = "knowledge/eval_questions.toml"
 DEFAULT_CONFIG = "config.toml"
 GOAL_HANDED_OFF = 0.9
+GOAL_SMALL_TALK = 0.9
 SWEEP = (0.25, 0.30, 0.35, 0.40, 0.45, 0.50)
 
 
@@ -157,12 +160,14 @@ class PrimedEncoder:
 
 @dataclass(frozen=True, slots=True)
 class Scores:
-    """Shares over one question set at one threshold."""
+    """Shares over one question set at one threshold; ``answered`` means from passages."""
 
     count: int
     answered: float
     cites_right: float
     first_right: float
+    small_talk: float = 0.0
+    handed_off: float = 0.0
 
 
 def _above(hits: Sequence[Hit], threshold: float) -> list[Hit]:
@@ -170,28 +175,42 @@ def _above(hits: Sequence[Hit], threshold: float) -> list[Hit]:
     return [h for h in hits if h.score >= threshold]
 
 
-def score(grounder: Grounder, ranked: Sequence[Sequence[Hit]], gold: Sequence[tuple[str, ...]],
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """One question set as the grounder sees it: texts, every passage best first, vectors."""
+
+    texts: tuple[str, ...]
+    hits: list[list[Hit]]
+    vectors: NDArray[np.float32]
+
+
+def groundings(grounder: Grounder, ranked: Ranked, threshold: float) -> list[Grounding]:
+    """What :meth:`Grounder.ground` decides for each question at ``threshold``."""
+    out = []
+    for text, hits, vector in zip(ranked.texts, ranked.hits, ranked.vectors, strict=True):
+        above = _above(hits, threshold)
+        if grounder.small_talk.detect(text, vector, answered=bool(above)):
+            out.append(grounder.small_talk_grounding())
+        else:
+            out.append(grounder.from_hits(above))
+    return out
+
+
+def score(grounder: Grounder, ranked: Ranked, gold: Sequence[tuple[str, ...]] | None,
           threshold: float) -> Scores:
-    answered = cites = first = 0
-    for hits, articles in zip(ranked, gold, strict=True):
-        grounding = grounder.from_hits(_above(hits, threshold))
-        if grounding.no_answer:
+    answered = cites = first = chat = off = 0
+    gold = gold if gold is not None else [()] * len(ranked.texts)
+    for grounding, articles in zip(groundings(grounder, ranked, threshold), gold, strict=True):
+        chat += grounding.small_talk
+        off += grounding.no_answer
+        if grounding.no_answer or grounding.small_talk:
             continue
         answered += 1
         ids = [c.id for c in grounding.citations]
         cites += bool(set(ids) & set(articles))
         first += ids[0] in articles
     n = max(len(gold), 1)
-    return Scores(len(gold), answered / n, cites / n, first / n)
-
-
-def handed_off(
-    ranked: Sequence[Sequence[Hit]], threshold: float, texts: Sequence[str] = ()
-) -> float:
-    """The share with nothing above ``threshold`` (small talk among ``texts`` excepted)."""
-    chat = [is_small_talk(t) for t in texts] if texts else [False] * len(ranked)
-    off = sum(not _above(h, threshold) and not c for h, c in zip(ranked, chat, strict=True))
-    return off / max(len(ranked), 1)
+    return Scores(len(gold), answered / n, cites / n, first / n, chat / n, off / n)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -249,13 +268,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     grounder = Grounder(retriever, "", k=k, reload_interval_s=0)
+    grounder.small_talk.prepare(retriever.embed)
     everything = len(retriever.passages)
 
-    def rank(texts: Sequence[str]) -> list[list[Hit]]:
+    def rank(texts: Sequence[str]) -> Ranked:
         """Every passage, best first, for each question as the grounder asks for it."""
         queries = [retrieval_query(t) for t in texts]
         encoder.prime(queries)
-        return [retriever.search(q, k=everything) for q in queries]
+        hits = [retriever.search(q, k=everything) for q in queries]
+        vectors = retriever.embed(queries)
+        return Ranked(tuple(texts), hits, vectors)
 
     written = rank([q.text for q in questions.in_scope])
     sampled = rank([q.text for q in bitext])
@@ -264,68 +286,86 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"Grounding at threshold {threshold:.2f}, k = {k}; {len(kb)} articles, "
           f"{everything} passages; questions from {args.questions}"
-          + (f" and {len(bitext)} Bitext requests from {data}" if bitext else ""))
+          + (f" and {len(bitext)} Bitext requests from {data}" if bitext else "")
+          + f"; {len(grounder.small_talk.exemplars)} small-talk exemplars")
     print(f"{'question set':<26}{'count':>7}{'answered':>10}{'cites right':>13}"
-          f"{'1st cite right':>16}{'handed off':>12}")
-    rows = [("in scope (written)", written, [q.articles for q in questions.in_scope])]
+          f"{'1st cite right':>16}{'small talk':>12}{'handed off':>12}")
+    rows: list[tuple[str, Ranked, list[tuple[str, ...]] | None]] = [
+        ("in scope (written)", written, [q.articles for q in questions.in_scope])
+    ]
     if bitext:
         rows.append(("in scope (Bitext sample)", sampled, [q.articles for q in bitext]))
+    if questions.small_talk:
+        rows.append(("small talk (written)", chat, None))
+    rows.append(("out of scope (written)", off_topic, None))
+    results = {}
     for label, ranked, gold in rows:
-        s = score(grounder, ranked, gold, threshold)
-        print(f"{label:<26}{s.count:>7}{s.answered:>10.3f}{s.cites_right:>13.3f}"
-              f"{s.first_right:>16.3f}{1 - s.answered:>12.3f}")
-    if chat:
-        chat_off = handed_off(chat, threshold, questions.small_talk)
-        print(f"{'small talk (written)':<26}{len(chat):>7}{1 - chat_off:>10.3f}{'-':>13}"
-              f"{'-':>16}{chat_off:>12.3f}")
-    off = handed_off(off_topic, threshold, questions.out_of_scope)
-    print(f"{'out of scope (written)':<26}{len(off_topic):>7}{1 - off:>10.3f}{'-':>13}{'-':>16}"
-          f"{off:>12.3f}")
+        s = results[label] = score(grounder, ranked, gold, threshold)
+        right = (f"{s.cites_right:>13.3f}{s.first_right:>16.3f}" if gold is not None
+                 else f"{'-':>13}{'-':>16}")
+        print(f"{label:<26}{s.count:>7}{s.answered:>10.3f}{right}{s.small_talk:>12.3f}"
+              f"{s.handed_off:>12.3f}")
+    off = results["out of scope (written)"].handed_off
     verdict = "met" if off >= GOAL_HANDED_OFF else "NOT met"
     print(f"out-of-scope handed off: {off:.3f} (goal >= {GOAL_HANDED_OFF}: {verdict}); "
           f"{time.perf_counter() - started:.0f} s")
+    if questions.small_talk:
+        kept = 1 - results["small talk (written)"].handed_off
+        verdict = "met" if kept >= GOAL_SMALL_TALK else "NOT met"
+        print(f"small talk answered without hand-off: {kept:.3f} "
+              f"(goal >= {GOAL_SMALL_TALK}: {verdict})")
 
     if args.sweep:
-        _print_sweep(grounder, rows, off_topic, questions.out_of_scope)
+        _print_sweep(grounder, rows)
     if args.show_misses:
         _print_misses(grounder, questions, written, chat, off_topic, threshold)
     return 0
 
 
 def _print_sweep(
-    grounder: Grounder,
-    rows: list[tuple[str, list[list[Hit]], list[tuple[str, ...]]]],
-    off_topic: list[list[Hit]],
-    off_texts: Sequence[str],
+    grounder: Grounder, rows: list[tuple[str, Ranked, list[tuple[str, ...]] | None]]
 ) -> None:
-    print("\nthreshold" + "".join(f"{label + ' answered':>34}" for label, _, _ in rows)
-          + f"{'out of scope handed off':>26}")
+    print("\nthreshold" + "".join(
+        f"{label + (' answered' if gold is not None else ' handed off'):>34}"
+        for label, _, gold in rows
+    ))
     for t in SWEEP:
-        cells = [score(grounder, ranked, gold, t).answered for _, ranked, gold in rows]
-        print(f"{t:>9.2f}" + "".join(f"{c:>34.3f}" for c in cells)
-              + f"{handed_off(off_topic, t, off_texts):>26.3f}")
+        cells = []
+        for _, ranked, gold in rows:
+            s = score(grounder, ranked, gold, t)
+            cells.append(s.answered if gold is not None else s.handed_off)
+        print(f"{t:>9.2f}" + "".join(f"{c:>34.3f}" for c in cells))
 
 
 def _print_misses(
     grounder: Grounder,
     questions: QuestionSet,
-    written: list[list[Hit]],
-    chat: list[list[Hit]],
-    off_topic: list[list[Hit]],
+    written: Ranked,
+    chat: Ranked,
+    off_topic: Ranked,
     threshold: float,
 ) -> None:
     print("\nmisses:")
-    for question, hits in zip(questions.in_scope, written, strict=True):
-        grounding = grounder.from_hits(_above(hits, threshold))
+    for question, grounding in zip(
+        questions.in_scope, groundings(grounder, written, threshold), strict=True
+    ):
         ids = [c.id for c in grounding.citations]
         if not set(ids) & set(question.articles):
-            print(f"  in scope, cited {ids or 'nothing'} (want {list(question.articles)}): "
+            print(f"  in scope, cited {ids or 'nothing'} (want {list(question.articles)}"
+                  f"{', taken for small talk' if grounding.small_talk else ''}): "
                   f"{question.text}")
-    for question, hits in zip(questions.small_talk, chat, strict=True):
-        if not _above(hits, threshold) and not is_small_talk(question):
+    for question, grounding in zip(
+        questions.small_talk, groundings(grounder, chat, threshold), strict=True
+    ):
+        if grounding.no_answer:
             print(f"  small talk, handed off: {question}")
-    for question, hits in zip(questions.out_of_scope, off_topic, strict=True):
-        if _above(hits, threshold) or is_small_talk(question):
+    for question, hits, grounding in zip(
+        questions.out_of_scope, off_topic.hits, groundings(grounder, off_topic, threshold),
+        strict=True,
+    ):
+        if grounding.small_talk:
+            print(f"  out of scope, taken for small talk: {question}")
+        elif not grounding.no_answer:
             print(f"  out of scope, answered from {hits[0].article_id} "
                   f"({hits[0].score:.2f}): {question}")
 

@@ -15,7 +15,7 @@ import pytest
 from bots.service import build_grounder, open_retriever
 from core.channels import CustomerChannel, ReplyStream
 from core.generation import ChatMessage, GenerationParams
-from core.grounding import NO_ANSWER_TEXT
+from core.grounding import NO_ANSWER_TEXT, SMALL_TALK_INSTRUCTION
 from core.messages import Inbound, Reply, User
 from core.pipeline import Pipeline
 from core.sentiment import build_classifier
@@ -136,3 +136,15 @@ async def test_empty_knowledge_base_hands_off(grounded, tmp_path: Path) -> None:
     await pipeline.submit(inbound("How long does a refund take?", 1))
     await wait_for(lambda: recorder.replies)
     assert recorder.replies[0].text == NO_ANSWER_TEXT and generator.prompts == []
+
+
+async def test_thanks_and_goodbye_get_a_short_reply_and_no_hand_off(grounded) -> None:
+    pipeline, recorder, generator = await grounded("You're welcome! Anything else?")
+    closings = ["Thanks, that helps a lot!", "ok bye", "\N{THUMBS UP SIGN}"]
+    for n, text in enumerate(closings, 1):
+        await pipeline.submit(inbound(text, n))
+        await wait_for(lambda n=n: len(recorder.replies) >= n)
+    assert [r.text for r in recorder.replies] == ["You're welcome! Anything else?"] * 3
+    assert all(r.citations == () for r in recorder.replies)
+    assert all(SMALL_TALK_INSTRUCTION in prompt[0].content for prompt in generator.prompts)
+    assert await pipeline.store.query("SELECT reason FROM tickets") == []

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench import recommender as recommender_bench
 from bots import cli
+from core.grounding import Grounder
 from core.knowledge import KnowledgeBase
 from core.messages import Inbound, Suggestion, User
 from core.recommender import (
@@ -36,8 +38,13 @@ KB = FIXTURES / "kb"
 
 
 @pytest.fixture(scope="module")
-def retriever(tmp_path_factory: pytest.TempPathFactory) -> Retriever:
-    return Retriever(KB, tmp_path_factory.mktemp("recommender-cache"), encoder=MiniLMEncoder())
+def minilm() -> MiniLMEncoder:
+    return MiniLMEncoder()
+
+
+@pytest.fixture(scope="module")
+def retriever(minilm: MiniLMEncoder, tmp_path_factory: pytest.TempPathFactory) -> Retriever:
+    return Retriever(KB, tmp_path_factory.mktemp("recommender-cache"), encoder=minilm)
 
 
 @pytest.fixture
@@ -167,6 +174,34 @@ async def test_a_new_article_is_suggested_by_content_before_anyone_clicked_it(
     assert suggestions[0].url == "https://help.example.com/gift-cards"
     clicks = await store.query("SELECT COUNT(*) AS n FROM events WHERE item_id = 'gift-cards'")
     assert clicks[0]["n"] == 0
+
+
+async def test_the_content_step_reuses_the_grounders_query_embedding(
+    minilm: MiniLMEncoder, tmp_path: Path, customers: Customers, make
+) -> None:
+    encoded: list[str] = []
+
+    class Counting:
+        def encode(self, texts: Sequence[str]) -> np.ndarray:
+            encoded.extend(texts)
+            return minilm.encode(texts)
+
+    shared = Retriever(KB, tmp_path / "cache", encoder=Counting())
+    grounder = Grounder(shared, "You help customers of a shop.", reload_interval_s=0)
+    recommender = make(RetrieverContent(shared))
+    erin = await customers.get("erin")
+    earlier = ("hello", "I ordered a lamp last week, order 55512345")
+    question = "Can I buy a gift card for order 55512345 as a present?"
+    await grounder.ground("warm up")  # embeds the small-talk exemplars once
+    encoded.clear()
+    grounding = await grounder.ground(question, earlier)
+    assert grounding.citations[0].id == "gift-cards"
+    assert len(encoded) == 2  # the question and the recent turns, ids left out
+    suggestions = await recommender.suggest(
+        SuggestionRequest(erin.user_id, erin.conversation_id, question, earlier), 3
+    )
+    assert suggestions[0].id == "gift-cards" and arm_of(suggestions[0]) == "content"
+    assert len(encoded) == 2  # nothing encoded again for the suggestions
 
 
 async def test_clicked_and_already_shown_articles_are_not_suggested_again(
@@ -469,3 +504,21 @@ def test_eval_names_a_missing_path_and_a_bad_line(
     ratings.write_text("userId,movieId,rating,timestamp\n1,1,four,964982703\n")
     assert eval_recommender.main(["--dataset", "movielens", "--data", str(ratings)]) == 2
     assert f"{ratings}, line 2: rating or timestamp is not a number" in capsys.readouterr().err
+
+
+async def test_the_recommender_bench_runs_small_and_prints_every_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = recommender_bench.parse_args([
+        "--users", "300", "--items", "40", "--events", "3000", "--requests", "30",
+        "--cold-requests", "5", "--concurrency", "4", "--distinct", "10",
+        "--workdir", str(tmp_path),
+    ])
+    await recommender_bench.main(args)
+    out = capsys.readouterr().out
+    assert "300 users, 40 items, 3,000 positive events" in out
+    assert "| read + fit (what a background retrain costs) |" in out
+    for label in ("baseline: popularity only", "hybrid, query embedding cached",
+                  "hybrid, cold query embedding", "hybrid, cold, 4 at once"):
+        assert f"| {label}" in out
+    assert "goal p99 <= 5 ms with the grounder's cached embedding:" in out

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from rank_bm25 import BM25Okapi
 
-from core.knowledge import Article, KnowledgeError
+from core.grounding import Grounder
+from core.knowledge import Article, KnowledgeError, load_knowledge
 from core.messages import Citation
-from core.retrieval import MiniLMEncoder, Retriever, citations, split_passages, tokenize
+from core.retrieval import (
+    Lexical,
+    MiniLMEncoder,
+    QueryCache,
+    Retriever,
+    citations,
+    split_passages,
+    tokenize,
+)
+from core.suggestions import RetrieverContent
 from finetune import eval_retrieval
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kb"
@@ -273,3 +288,120 @@ def test_eval_retrieval_rejects_unknown_article_in_intent_map(
     assert eval_retrieval.run(_eval_args(tmp_path, intent_map=str(mapping))) == 2
     err = capsys.readouterr().err
     assert "intent 'get_refund' names unknown article(s): no-such-article" in err
+
+
+# -- query embeddings: cached, micro-batched; one owner of the reload schedule ---------------
+
+
+async def test_a_repeated_question_is_embedded_once_whatever_its_spacing(
+    minilm: MiniLMEncoder, tmp_path: Path
+) -> None:
+    counting = CountingEncoder(minilm)
+    r = await Retriever.open(FIXTURES, tmp_path, encoder=counting)
+    counting.texts = 0
+    first = await r.asearch("I forgot my password", k=2)
+    assert counting.texts == 1
+    again = await r.asearch("  I forgot   my password ", k=2)
+    assert counting.texts == 1  # the cached vector, same hits
+    assert [h.article_id for h in again] == [h.article_id for h in first]
+    assert r.search("I forgot my password", k=2) == first
+    assert counting.texts == 1
+    assert np.allclose(await r.aembed("I forgot my password"),
+                       minilm.encode(["I forgot my password"])[0], atol=1e-5)
+
+
+async def test_concurrent_query_encodings_share_one_forward_pass(
+    minilm: MiniLMEncoder, tmp_path: Path
+) -> None:
+    calls: list[int] = []
+
+    class Batches(CountingEncoder):
+        def encode(self, texts: Sequence[str]) -> np.ndarray:
+            calls.append(len(texts))
+            return super().encode(texts)
+
+    r = await Retriever.open(FIXTURES, tmp_path, encoder=Batches(minilm))
+    calls.clear()
+    default_threads = torch.get_num_threads()
+    questions = [f"question number {n} about refunds" for n in range(12)]
+    vectors = await asyncio.gather(*(r.aembed(q) for q in questions))
+    assert sum(calls) == 12 and len(calls) < 12  # batched, each text once
+    # The embedding thread runs on one torch thread; everyone else keeps the default.
+    assert torch.get_num_threads() == default_threads
+    with ThreadPoolExecutor(1) as fresh:
+        assert fresh.submit(torch.get_num_threads).result() == default_threads
+    expected = minilm.encode(questions)
+    for vector, want in zip(vectors, expected, strict=True):
+        assert np.allclose(vector, want, atol=1e-5)
+
+
+def test_query_cache_keeps_the_most_recent_and_is_safe_across_threads() -> None:
+    cache = QueryCache(2)
+    for key in ("a", "b", "c"):
+        cache.put(key, np.full(3, ord(key), dtype=np.float32))
+    assert cache.get("a") is None and cache.get("b") is not None
+    cache.put("d", np.zeros(3, dtype=np.float32))  # "b" was used last, so "c" goes
+    assert cache.get("c") is None and cache.get("b") is not None and len(cache) == 2
+    vector = cache.get("b")
+    assert vector is not None and not vector.flags.writeable
+
+    shared = QueryCache(64)
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        for n in range(2000):
+            key = f"k{(seed * 7 + n) % 100}"
+            got = shared.get(key)
+            if got is None:
+                shared.put(key, np.full(4, hash(key) % 1000, dtype=np.float32))
+            elif got[0] != hash(key) % 1000:
+                errors.append(key)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(shared) == 64
+
+
+async def test_the_reload_schedule_has_one_owner_whoever_asks(
+    minilm: MiniLMEncoder, kb_dir: Path, tmp_path: Path
+) -> None:
+    looks: list[float] = []
+
+    class Watched(Retriever):
+        __slots__ = ()
+
+        def reload_if_changed(self) -> bool:
+            looks.append(time.monotonic())
+            return super().reload_if_changed()
+
+    r = Watched(kb_dir, tmp_path / "cache", encoder=minilm, reload_interval_s=1.5)
+    content = RetrieverContent(r)
+    grounder = Grounder(r, "base")  # keeps the retriever's schedule
+    grounder.small_talk.prepare(r.embed)
+    assert await r.areload_if_due() is False and looks == []  # not due yet
+    await asyncio.sleep(1.6)
+    (kb_dir / "gift-cards.md").write_text(
+        '+++\nid = "gift-cards"\ntitle = "Paying with gift cards"\ntags = ["gift card"]\n'
+        'url = "https://help.example.com/gift-cards"\n+++\n\nPay with a gift card code.\n',
+        encoding="utf-8",
+    )
+    assert await content.refresh() is True  # the recommender's loop asked first
+    await grounder.ground("can I pay with a gift card")  # the grounder's ask is not due
+    assert await content.refresh() is False
+    assert len(looks) == 1
+    assert "gift-cards" in r.knowledge.ids()
+    Grounder(r, "base", reload_interval_s=0)  # the config's 0: never again
+    await asyncio.sleep(1.6)
+    assert await content.refresh() is False and len(looks) == 1
+
+
+def test_sparse_bm25_scores_equal_rank_bm25s() -> None:
+    docs = [tokenize(f"{p.title} {p.text}") for a in load_knowledge(FIXTURES)
+            for p in split_passages(a)]
+    okapi, lexical = BM25Okapi(docs), Lexical.build(docs)
+    for query in ("refund refund for my order", "newsletter emails", "xyzzy", ""):
+        tokens = tokenize(query)
+        assert np.allclose(lexical.scores(tokens), okapi.get_scores(tokens), atol=1e-12)
