@@ -50,7 +50,8 @@ async def open_retriever(settings: Settings) -> Retriever | None:
         return None
     cache = Path(settings.service.data_dir) / "cache"
     return await Retriever.open(
-        settings.recommender.knowledge_dir, cache, threshold=settings.grounding.threshold
+        settings.recommender.knowledge_dir, cache, threshold=settings.grounding.threshold,
+        reload_interval_s=settings.grounding.reload_interval_s,
     )
 
 

@@ -456,6 +456,7 @@ class Pipeline:
         system = settings.prompt.system
         citations: tuple[Citation, ...] = ()
         facts: Mapping[str, str] = {}
+        small_talk = False
         if self._grounder is not None:
             grounding = await self._grounder.ground(
                 text, [t for role, t in history if role == "user"]
@@ -469,12 +470,16 @@ class Pipeline:
             system, citations, facts = (
                 grounding.system_prompt, grounding.citations, grounding.context
             )
+            small_talk = grounding.small_talk
         chat = build_chat(
             system, history, text,
             count_tokens=self._generator.count_tokens,
             token_budget=settings.prompt.history_token_budget,
         )
-        suggestions_task = asyncio.create_task(self._suggest(stored, text, history))
+        # A greeting or a thank-you gets no help articles: they would read as noise.
+        suggestions_task = asyncio.create_task(
+            self._suggest(stored, text, history, none=small_talk)
+        )
         out_id = await self.store.begin_outbound(
             stored.conversation_id, inbound.platform, Sender.BOT.value, stored.message_id
         )
@@ -628,10 +633,11 @@ class Pipeline:
         return "error"
 
     async def _suggest(
-        self, stored: StoredInbound, text: str, history: list[tuple[str, str]]
+        self, stored: StoredInbound, text: str, history: list[tuple[str, str]],
+        *, none: bool = False,
     ) -> list[Suggestion]:
         k = self._settings.recommender.max_suggestions
-        if not self._settings.recommender.enabled or k == 0:
+        if none or not self._settings.recommender.enabled or k == 0:
             return []
         request = SuggestionRequest(
             stored.user_id, stored.conversation_id, text,

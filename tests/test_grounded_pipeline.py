@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bots.service import build_grounder, open_retriever
+from bots.service import build_grounder, build_recommender, open_retriever
 from core.channels import CustomerChannel, ReplyStream
 from core.generation import ChatMessage, GenerationParams
 from core.grounding import NO_ANSWER_TEXT, SMALL_TALK_INSTRUCTION
@@ -76,25 +76,29 @@ class Recorder(CustomerChannel):
 
 @pytest.fixture
 async def grounded(tmp_path: Path):
-    async def build(answer: str, knowledge: Path = REPO / "knowledge"):
+    async def build(answer: str, knowledge: Path = REPO / "knowledge", recommend: bool = False):
         settings = make_settings(tmp_path, recommender={"knowledge_dir": str(knowledge),
-                                                        "enabled": False})
+                                                        "enabled": recommend})
         store = SQLiteStore(settings.store.path)
         await store.open()
         classifier = build_classifier("minilm", "", "", 16, 1)
         await classifier.start()
         generator = ScriptedGenerator(answer)
         retriever = await open_retriever(settings)
-        pipeline = Pipeline(settings, store, classifier, generator, None,
+        recommender = await build_recommender(settings, store, retriever) if recommend else None
+        pipeline = Pipeline(settings, store, classifier, generator, recommender,
                             build_grounder(settings, retriever))
         recorder = Recorder()
         pipeline.attach(recorder)
-        opened.append((store, classifier))
+        opened.append((store, classifier, recommender))
         return pipeline, recorder, generator
 
     opened: list = []
     yield build
-    for store, classifier in opened:
+    for store, classifier, recommender in opened:
+        close = getattr(recommender, "close", None)
+        if close is not None:
+            await close()
         await classifier.close()
         await store.close()
 
@@ -148,3 +152,14 @@ async def test_thanks_and_goodbye_get_a_short_reply_and_no_hand_off(grounded) ->
     assert all(r.citations == () for r in recorder.replies)
     assert all(SMALL_TALK_INSTRUCTION in prompt[0].content for prompt in generator.prompts)
     assert await pipeline.store.query("SELECT reason FROM tickets") == []
+
+
+async def test_a_thank_you_gets_no_help_articles_but_a_question_does(grounded) -> None:
+    pipeline, recorder, _ = await grounded("Happy to help.", recommend=True)
+    await pipeline.submit(inbound("How long does a refund take?", 1))
+    await wait_for(lambda: len(recorder.replies) >= 1)
+    await pipeline.submit(inbound("Thanks, that helps a lot!", 2))
+    await wait_for(lambda: len(recorder.replies) >= 2)
+    question, thanks = recorder.replies
+    assert question.suggestions, "a real question should come with help articles"
+    assert thanks.suggestions == ()
