@@ -33,11 +33,10 @@ import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from rank_bm25 import BM25Okapi
@@ -47,11 +46,11 @@ from core.batching import MicroBatcher
 from core.generation.model_files import LOAD_LOCK
 from core.knowledge import Article, KnowledgeBase, fingerprint, load_knowledge
 from core.messages import Citation
+from core.torch_threads import pin_torch_threads
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-T = TypeVar("T")
 Mode = Literal["dense", "bm25", "hybrid"]
 MODES: tuple[Mode, ...] = ("dense", "bm25", "hybrid")
 
@@ -79,7 +78,6 @@ QUERY_THREADS = 1
 """Torch intra-op threads of the query-embedding thread. Two threads wait at every op's
 barrier for a descheduled partner on a busy CPU: one cold query took 135-308 ms (p50) with
 two and 17-24 ms with one on the loaded two-core development machine."""
-_THREADS_LOCK = threading.Lock()
 
 
 class RetrievalError(Exception):
@@ -791,20 +789,9 @@ def _query_batcher() -> MicroBatcher[_Query, NDArray[np.float32]]:
     return batcher
 
 
-def _in_fresh_thread(fn: Callable[[], T]) -> T:
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn).result()
-
-
 def _pin_query_thread() -> None:
     """The query-embedding thread's initializer: :data:`QUERY_THREADS` torch threads for its
     own forward passes (OpenMP keeps the count per thread). A thread's first torch call
     copies the process default, so that default is read and restored from fresh threads
     and other threads keep theirs (as :mod:`core.sentiment` does for its classifier)."""
-    import torch
-
-    with _THREADS_LOCK:
-        default = _in_fresh_thread(torch.get_num_threads)
-        torch.set_num_threads(QUERY_THREADS)
-        torch.get_num_threads()
-        _in_fresh_thread(lambda: torch.set_num_threads(default))
+    pin_torch_threads(QUERY_THREADS)

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from core.batching import MicroBatcher
 from core.generation.model_files import LOAD_LOCK, encoder_dir
 from core.social_text import normalize
 from core.store import Scores
+from core.torch_threads import pin_torch_threads
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 LABELS = ("negative", "neutral", "positive")
 DEFAULT_HEAD = Path(__file__).parent / "assets" / "sentiment_head.safetensors"
@@ -43,15 +41,9 @@ def _scores(probs: Sequence[float]) -> Scores:
 
 
 QUANTIZE_MODES = ("none", "int8")
-_THREADS_LOCK = threading.Lock()
 SUB_BATCH = 32
 """Texts per forward pass: sorted by length and cut here, so padding stays short. On one
 CPU thread MiniLM gains nothing from larger batches (see ``bench/sentiment.py``)."""
-
-
-def _in_fresh_thread(fn: Callable[[], T]) -> T:
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn).result()
 
 
 def int8_layers(module: Any) -> set[str]:
@@ -129,17 +121,8 @@ class _Batched:
         On a small busy CPU, two intra-op threads make every op wait at a barrier for a
         descheduled partner: 2-15x slower than one thread in a micro-benchmark on the loaded
         2-core dev box, and no faster in ``bench/sentiment.py`` when a core was free."""
-        if not self._threads:
-            return
-        import torch
-
-        with _THREADS_LOCK:
-            # A thread's first torch call copies the process default; read and restore that
-            # default from fresh threads, so this worker keeps its own count.
-            default = _in_fresh_thread(torch.get_num_threads)
-            torch.set_num_threads(self._threads)
-            torch.get_num_threads()
-            _in_fresh_thread(lambda: torch.set_num_threads(default))
+        if self._threads:
+            pin_torch_threads(self._threads)
 
     async def start(self) -> None:
         import asyncio
