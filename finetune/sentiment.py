@@ -148,6 +148,7 @@ class FineTuneResult:
     logit_bias: tuple[float, float, float]
     dev_bias: Scores
     test_bias: Scores | None
+    bias_fitted: bool
     steps: int
     epochs_done: float
     best_step: int
@@ -270,7 +271,11 @@ def finetune(
     dev_probs = _probabilities(model, tokenizer, dev_texts, 64).tolist()
     threshold = tune_negative_threshold(dev_gold, dev_probs)
     dev_scores = score(dev_gold, decide(dev_probs, threshold))
-    bias = fit_logit_bias(dev_gold, dev_probs)
+    fitted = fit_logit_bias(dev_gold, dev_probs)
+    if fitted is None:
+        log("no logit bias keeps negative recall >= 0.90 and precision >= 0.85 on dev; "
+            "none applied")
+    bias = fitted or (0.0, 0.0, 0.0)
     dev_bias = score(dev_gold, decide(apply_logit_bias(dev_probs, bias), None))
     log(f"dev-fitted logit bias {bias}: dev macro-F1 {dev_bias.macro_f1:.4f}")
     test_scores = test_argmax = test_bias = None
@@ -286,6 +291,7 @@ def finetune(
         steps=step, epochs_done=step / steps_per_epoch,
         best_step=best_step, minutes=minutes, stopped_by=stopped_by,
         start=str(base) if continuing else "sentence-transformers/all-MiniLM-L6-v2",
+        bias_fitted=fitted is not None,
     )
     model.config.negative_threshold = round(threshold, 4)
     model.config.logit_bias = list(bias)
@@ -307,6 +313,8 @@ def _row(name: str, s: Scores | None) -> str:
 
 
 def model_card(r: FineTuneResult, cfg: TrainConfig, n_train: int, n_dev: int) -> str:
+    bias_note = "" if r.bias_fitted else (
+        " (no bias on the grid kept both limits on dev, so none is applied)")
     confusion = ""
     if r.test_bias is not None:
         head = "| true \\ predicted | " + " | ".join(LABELS) + " |\n|---|---:|---:|---:|\n"
@@ -335,8 +343,8 @@ least that, otherwise the larger of neutral and positive.
 
 `config.json` also holds `logit_bias` = {list(r.logit_bias)} (one per label, added to the
 logits): a prior correction fitted on dev for the best macro-F1 keeping negative recall
->= 0.90 and precision >= 0.85. The service (`core.sentiment.FineTunedClassifier`) applies it
-and labels by argmax.
+>= 0.90 and precision >= 0.85{bias_note}. The service
+(`core.sentiment.FineTunedClassifier`) applies it and labels by argmax.
 
 | split | accuracy | macro-F1 | negative precision | negative recall |
 |---|---:|---:|---:|---:|

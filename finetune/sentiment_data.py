@@ -260,11 +260,12 @@ def fit_logit_bias(
     probabilities: Sequence[Sequence[float]],
     min_recall: float = 0.90,
     min_precision: float = 0.85,
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float] | None:
     """Per-class logit bias with the best macro-F1, keeping negative recall and precision.
 
     Fitted on the dev split only. A grid over the neutral and positive shifts; among equal
     scores the smallest shift wins, so a model that needs no correction gets (0, 0, 0).
+    ``None`` when no point of the grid keeps both limits: the caller must say so.
     """
     import numpy as np
 
@@ -286,7 +287,7 @@ def fit_logit_bias(
             if best is None or f1 > best[0] + 1e-12 or (abs(f1 - best[0]) <= 1e-12
                                                          and size < best[1]):
                 best = (f1, size, (0.0, b1, b2))
-    return best[2] if best is not None else (0.0, 0.0, 0.0)
+    return best[2] if best is not None else None
 
 
 def label_counts(examples: Iterable[Example]) -> Counter[int]:

@@ -22,6 +22,7 @@ from finetune.sentiment_data import (
     DataError,
     Example,
     decide,
+    fit_logit_bias,
     load,
     normalize,
     score,
@@ -280,3 +281,12 @@ def test_epochs_zero_refits_an_existing_folder_only(
     assert f"step 0/0 (from {first}) dev macro-F1" in printed
     assert f"Training from {first}:" in (again / "README.md").read_text()
     assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+
+
+def test_logit_bias_that_cannot_keep_the_limits_is_reported_not_faked() -> None:
+    # Every dev tweet is negative but the model calls half of them positive: no bias on the
+    # grid keeps negative recall >= 0.90 at precision >= 0.85 without the gold labels.
+    gold = [0, 0, 0, 0]
+    probabilities = [[0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+    assert fit_logit_bias(gold, probabilities) is None
+    assert fit_logit_bias(gold, probabilities, min_recall=0.5) == (0.0, 0.0, 0.0)
