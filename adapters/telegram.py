@@ -308,6 +308,7 @@ class FloodGate:
 
 
 RESEND_TEXT = "Sorry, I could not take that message just now. Please send it again."
+RETRY_PRESS_TEXT = "Sorry, that did not work just now. Please try again."
 SLOW_DOWN = (
     "You're sending messages faster than I can answer. I've got all of them and will reply "
     "in order. Please give me a moment."
@@ -843,7 +844,10 @@ class TelegramAdapter(Adapter, CustomerChannel):
             # again: ask the customer to, rather than drop the message silently.
             log.exception("update %s could not be accepted", update.update_id)
             message = update.message
-            if message is not None:
+            if update.callback_query is not None:
+                # Answered, so the button stops spinning and says what to do.
+                self.spawn(self._answer_query(update.callback_query.id, RETRY_PRESS_TEXT))
+            elif message is not None:
                 target = Target(message.chat.id,
                                 message.message_thread_id if message.is_topic_message else None)
                 self.spawn(self.send(target, RESEND_TEXT))

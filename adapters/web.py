@@ -6,7 +6,10 @@ Customer protocol (JSON text frames). Client to server:
 Server to client: ``hello`` (with the transcript), ``typing``, ``delta`` (the whole reply
 so far), ``reply`` (final, with suggestions), ``abort``, ``message`` (operator or system),
 ``ack`` and ``error``. The session id in the URL is the conversation; a client resending a
-message with the same id after a reconnect is recognised and not answered twice.
+message with the same id after a reconnect is recognised and not answered twice. Transcript
+lines carry the client id of a customer's message (``id``) and the id of a sent reply
+(``reply``, as in its frames); ``hello`` is always a socket's first frame (anything
+broadcast while the transcript is read is held and follows it).
 """
 
 from __future__ import annotations
@@ -170,8 +173,8 @@ class WebAdapter(Adapter, CustomerChannel):
     platform = PLATFORM
 
     __slots__ = (
-        "_analytics", "_operators", "_pipeline", "_runner", "_settings", "_sockets", "port",
-        "ready", "token",
+        "_analytics", "_held", "_operators", "_pipeline", "_runner", "_settings", "_sockets",
+        "port", "ready", "token",
     )
 
     def __init__(
@@ -193,6 +196,8 @@ class WebAdapter(Adapter, CustomerChannel):
             log.warning("%s is not set; a token for this run was generated and %s",
                         settings.operator_token_env, where)
         self._sockets: dict[str, set[web.WebSocketResponse]] = {}
+        self._held: dict[web.WebSocketResponse, list[dict[str, Any]]] = {}
+        """Frames for sockets whose ``hello`` is not sent yet, in order."""
         self._operators = _WebOperators()
         self._pipeline: Pipeline | None = None
         self._runner: web.AppRunner | None = None
@@ -278,8 +283,13 @@ class WebAdapter(Adapter, CustomerChannel):
 
     async def broadcast(self, key: str, payload: dict[str, Any]) -> None:
         """To every open tab of the session; a closed socket is dropped quietly (the
-        transcript is re-sent when the customer reconnects)."""
+        transcript is re-sent when the customer reconnects). A tab still waiting for its
+        ``hello`` gets the frame after it, so the redraw cannot wipe it out."""
         for ws in list(self._sockets.get(key, ())):
+            held = self._held.get(ws)
+            if held is not None:
+                held.append(payload)
+                continue
             try:
                 await ws.send_json(payload)
             except (ConnectionError, RuntimeError):
@@ -324,11 +334,15 @@ class WebAdapter(Adapter, CustomerChannel):
             raise web.HTTPBadRequest(text="session must be 8-64 letters, digits, - or _")
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=self._settings.max_ws_message_bytes)
         await ws.prepare(request)
+        # Registered before the transcript is read, so nothing sent meanwhile is lost; held
+        # until the hello is out (the client dedupes by reply id what is in both).
+        self._held[ws] = []
         self._sockets.setdefault(session, set()).add(ws)
         user = User(PLATFORM, session, request.query.get("name", "")[:80])
         try:
             await ws.send_json({"type": "hello", "session": session,
                                 "transcript": await self._transcript(session)})
+            await self._release(ws)
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
                     await self._on_customer_frame(ws, session, user, msg.data)
@@ -342,20 +356,39 @@ class WebAdapter(Adapter, CustomerChannel):
                 elif msg.type == WSMsgType.ERROR:
                     log.info("customer socket error: %s", ws.exception())
         finally:
+            self._held.pop(ws, None)
             self._sockets.get(session, set()).discard(ws)
             if not self._sockets.get(session):
                 self._sockets.pop(session, None)
         return ws
+
+    async def _release(self, ws: web.WebSocketResponse) -> None:
+        """Send what was held for a socket while its hello was being prepared."""
+        held = self._held.get(ws, [])
+        try:
+            while held:
+                await ws.send_json(held.pop(0))
+        except (ConnectionError, RuntimeError):
+            pass  # closed meanwhile: the next hello has it all
+        finally:
+            self._held.pop(ws, None)
 
     async def _transcript(self, session: str) -> list[dict[str, Any]]:
         store = self.pipeline.store
         convo = await store.conversation_by_key(PLATFORM, session)
         if convo is None:
             return []
-        return [
-            {"direction": line.direction, "sender": line.sender, "text": line.text}
-            for line in await store.transcript(convo["id"], limit=50)
-        ]
+        lines = []
+        for line in await store.transcript(convo["id"], limit=50):
+            item: dict[str, Any] = {"direction": line.direction, "sender": line.sender,
+                                    "text": line.text}
+            pid = line.platform_message_id or ""
+            if line.direction == "in" and pid.startswith(f"{session}:"):
+                item["id"] = pid[len(session) + 1:]
+            elif line.direction == "out" and pid.startswith("web-"):
+                item["reply"] = pid[len("web-"):]
+            lines.append(item)
+        return lines
 
     async def _on_customer_frame(
         self, ws: web.WebSocketResponse, session: str, user: User, raw: str

@@ -148,6 +148,9 @@ class TranscriptLine:
     created_at: str
     sentiment: str | None
     p_negative: float | None
+    platform_message_id: str | None = None
+    """What the platform calls it: a chat tab's client id or a sent reply's id, so a
+    reconnecting client can tell which of its messages and replies are stored."""
 
 
 class StoreError(Exception):
@@ -488,7 +491,8 @@ class SQLiteStore:
 
     async def transcript(self, conversation_id: int, limit: int = 200) -> list[TranscriptLine]:
         rows = await self.query(
-            "SELECT id, direction, sender, text, created_at, sentiment, p_negative FROM "
+            "SELECT id, direction, sender, text, created_at, sentiment, p_negative, "
+            "platform_message_id FROM "
             "messages WHERE conversation_id = ? AND (direction = 'in' OR status = 'sent') "
             "ORDER BY id DESC LIMIT ?",
             [conversation_id, limit],
@@ -496,7 +500,7 @@ class SQLiteStore:
         return [
             TranscriptLine(
                 r["id"], r["direction"], r["sender"], r["text"], r["created_at"],
-                r["sentiment"], r["p_negative"],
+                r["sentiment"], r["p_negative"], r["platform_message_id"],
             )
             for r in rows[::-1]
         ]

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
-from adapters.telegram import RESEND_TEXT
+from adapters.telegram import RESEND_TEXT, RETRY_PRESS_TEXT
 from core.sentiment import build_classifier
 from tests.fakes.chat_driver import ScriptedGenerator, settled
 from tests.fakes.discord_driver import DmCustomer, discord_world, running_bot
@@ -132,3 +133,31 @@ async def test_telegram_polling_asks_again_and_answers_the_resent_message_once(
         assert texts(fake, ANN) == [RESEND, ANSWER]
         assert [r["text"] for r in await _inbound_rows(store)] == [QUESTION]
         assert generator.calls == 1
+
+
+async def test_telegram_polling_a_button_press_that_cannot_be_stored_is_answered(
+    classifier: Any, tmp_path: Path
+) -> None:
+    """The press is answered with "try again", so the button does not spin until Telegram
+    gives up, and nothing is stored; a later press of the same button is taken."""
+    async with telegram_harnesses(tmp_path, _generator(), classifier) as start:
+        h = await start(operator_chat_id=0, store_factory=FlakyStore)
+        store: FlakyStore = h.store  # type: ignore[assignment]
+        fake = h.fake
+        ann = fake.user(ANN, "Ann")
+        shown = await h.adapter.bot.send_message(ANN, "Helpful articles:", reply_markup=(
+            InlineKeyboardMarkup([[InlineKeyboardButton("Returns", callback_data="s:returns")]])))
+
+        store.fault = FULL
+        press = fake.press_button(ANN, ann, shown.message_id, "s:returns")
+        query_id = press["callback_query"]["id"]
+        await fake.wait_for(lambda: fake.callback_answer(query_id) is not None, 15)
+        assert fake.callback_answer(query_id)["text"] == RETRY_PRESS_TEXT  # type: ignore[index]
+        store.fault = None
+        assert await _inbound_rows(store) == []
+
+        again = fake.press_button(ANN, ann, shown.message_id, "s:returns")["callback_query"]
+        await fake.wait_for(lambda: fake.callback_answer(again["id"]) is not None, 15)
+        assert fake.callback_answer(again["id"])["text"] != RETRY_PRESS_TEXT  # type: ignore[index]
+        assert await _inbound_rows(store) == [
+            {"platform_message_id": f"cb:{again['id']}", "text": ""}]

@@ -224,3 +224,29 @@ async def test_hostile_customer_frames_get_error_frames_and_the_socket_stays_ope
         assert not customer.ws.closed
     rows = await desk.store.query("SELECT text FROM messages WHERE direction = 'in'")
     assert [r["text"] for r in rows] == ["Where is my order?"]
+
+
+async def test_the_hello_transcript_names_messages_and_replies_by_their_ids(desk: Desk) -> None:
+    """A reconnecting tab matches its unacknowledged messages and the replies it already
+    has by id, not by text: the hello's lines carry the client id and the reply id."""
+    session = "guards-ids-1"
+    async with aiohttp.ClientSession() as http:
+        customer = await Customer.connect(http, desk.base, session)
+        asked = await customer.say("Where is my order?")
+        reply = await customer.until("reply")
+
+        async def answered() -> bool:
+            rows = await desk.store.query(
+                "SELECT 1 FROM messages WHERE direction = 'out' AND status = 'sent'")
+            return len(rows) == 1
+
+        await wait_for(answered, 30)
+        await customer.ws.close()
+        again = await http.ws_connect(f"{desk.base}/ws?session={session}")
+        hello = await again.receive_json(timeout=10)
+        await again.close()
+    assert hello["type"] == "hello"
+    assert hello["transcript"] == [
+        {"direction": "in", "sender": "customer", "text": "Where is my order?", "id": asked},
+        {"direction": "out", "sender": "bot", "text": reply["text"], "reply": reply["reply"]},
+    ]

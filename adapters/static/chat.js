@@ -59,46 +59,46 @@
 
   // On every (re)connect the server's transcript is the truth: a reconnecting tab may have
   // missed replies (sent while it was away, or after a restart), so the log is redrawn from it.
+  // Its lines carry ids: a customer line its client id, a reply line its reply id.
   function showTranscript(transcript) {
     log.replaceChildren();
     bubbles.clear();
-    const stored = [];
-    // Commands and clicks are stored with empty text; they are not part of the chat.
+    const stored = new Set();
     for (const line of transcript) {
+      if (line.id) stored.add(line.id);
+      // Commands and clicks are stored with empty text; they are not part of the chat.
       if (!line.text) continue;
-      bubble(line.direction === "in" ? "customer" : line.sender, line.text);
-      if (line.direction === "in") stored.push(line.text);
+      const el = bubble(line.direction === "in" ? "customer" : line.sender, line.text);
+      if (line.reply) { el.dataset.stored = "1"; bubbles.set(line.reply, el); }
     }
-    // Unacknowledged messages, oldest first: those stored before their ack was lost end the
-    // transcript already; the rest (and commands, never in it) are drawn again and re-sent.
-    const texts = [...pending.values()].filter(p => p.type === "message").map(p => p.text);
-    let shown = 0;
-    for (let k = Math.min(texts.length, stored.length); k > 0 && !shown; k--) {
-      const tail = stored.slice(stored.length - k);
-      if (texts.slice(0, k).every((t, i) => t === tail[i])) shown = k;
-    }
-    for (const p of pending.values()) {
-      if (p.type === "command") bubble("customer", "/" + p.name);
-      else if (p.type === "message" && shown-- <= 0) bubble("customer", p.text);
+    // Unacknowledged frames the server stored before their ack was lost are done; the rest
+    // are drawn again (oldest first) and re-sent.
+    for (const [id, p] of pending) {
+      if (stored.has(id)) pending.delete(id);
+      else if (p.type === "command") bubble("customer", "/" + p.name);
+      else if (p.type === "message") bubble("customer", p.text);
     }
   }
 
   function onFrame(f) {
+    // Frames the server held while the hello was prepared may be for replies the transcript
+    // already showed (same reply id): those add only what the transcript lacks (links).
+    const known = f.reply === undefined ? undefined : bubbles.get(f.reply);
     if (f.type === "hello") {
       showTranscript(f.transcript);
       for (const frame of pending.values()) ws.send(JSON.stringify(frame));
     } else if (f.type === "ack") {
       pending.delete(f.id);
     } else if (f.type === "typing") {
-      const el = bubble("bot typing", "…");
-      bubbles.set(f.reply, el);
+      if (!known) bubbles.set(f.reply, bubble("bot typing", "…"));
     } else if (f.type === "delta") {
-      const el = bubbles.get(f.reply) || bubble("bot", "");
+      if (known && (known.dataset.stored || known.dataset.done)) return;
+      const el = known || bubble("bot", "");
       bubbles.set(f.reply, el);
       setText(el, f.text);
     } else if (f.type === "reply" || f.type === "message") {
-      let el = bubbles.get(f.reply);
-      if (!el) el = bubble(f.sender, "");
+      if (known && known.dataset.done) return;
+      const el = known || bubble(f.sender, "");
       el.className = "msg " + f.sender;
       setText(el, f.text);
       addLinks(el, "Sources:", f.citations, null);
@@ -106,8 +106,7 @@
         item => send({ type: "click", id: newId(), suggestion: item.id }));
       el.dataset.done = "1";
     } else if (f.type === "abort") {
-      const el = bubbles.get(f.reply);
-      if (el) el.remove();
+      if (known && !known.dataset.stored) known.remove();
     } else if (f.type === "error") {
       status.textContent = f.error;
     }
