@@ -42,7 +42,8 @@ from discord.gateway import DiscordWebSocket
 from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
 from core.config import DiscordSettings
 from core.messages import Inbound, Kind, Reply, Sender, User
-from core.operators import Operator, OperatorError
+from core.operators import ACTION_FAILED_TEXT, Operator, OperatorError
+from core.store import StoreError
 
 if TYPE_CHECKING:
     from core.operators import TicketView
@@ -1011,6 +1012,10 @@ class DiscordAdapter(Adapter, CustomerChannel):
             await call()
         except OperatorError as exc:
             return f"Could not do that: {exc}"
+        except StoreError:
+            # Part of it may have happened (the customer may have the answer already).
+            log.exception("discord: operator action failed")
+            return ACTION_FAILED_TEXT
         except Exception as exc:  # the customer's platform failed: say so, never drop it
             log.exception("discord: operator action failed")
             return f"Could not deliver that to the customer ({type(exc).__name__}); try again."

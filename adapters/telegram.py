@@ -80,7 +80,8 @@ from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, Contex
 from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
 from core.config import TelegramSettings
 from core.messages import Inbound, Kind, Reply, Sender, Suggestion, User
-from core.operators import Operator, OperatorError
+from core.operators import ACTION_FAILED_TEXT, Operator, OperatorError
+from core.store import StoreError
 
 if TYPE_CHECKING:
     from core.operators import TicketView
@@ -620,6 +621,10 @@ class TelegramOperatorRoom(OperatorChannel):
                 await self._act(ticket_id, operator, command, args, message)
             except OperatorError as exc:
                 await self._reply(message.message_thread_id, f"⚠️ {exc}")
+            except StoreError:
+                # Part of it may have happened (the customer may have the answer already).
+                log.exception("operator action on ticket %s failed", ticket_id)
+                await self._reply(message.message_thread_id, f"⚠️ {ACTION_FAILED_TEXT}")
             except Exception as exc:  # the customer's platform failed: say so, never drop it
                 log.exception("operator action on ticket %s failed", ticket_id)
                 await self._reply(message.message_thread_id,
@@ -850,7 +855,10 @@ class TelegramAdapter(Adapter, CustomerChannel):
             elif message is not None:
                 target = Target(message.chat.id,
                                 message.message_thread_id if message.is_topic_message else None)
-                self.spawn(self.send(target, RESEND_TEXT))
+                operators = self._room is not None and message.chat.id == self._room.chat_id
+                # An operator's answer may already have reached the customer before the
+                # failure: tell operators to check, never to simply send it again.
+                self.spawn(self.send(target, ACTION_FAILED_TEXT if operators else RESEND_TEXT))
 
     async def _on_ptb_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram update %r failed", update, exc_info=context.error)

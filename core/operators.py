@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+ACTION_FAILED_TEXT = ("That did not go through completely because of an internal error. "
+                      "Check the ticket before repeating it.")
+"""Told to an operator when an action failed part-way (the customer may already have the
+answer), so it is checked rather than blindly sent again."""
+
+
 class OperatorError(Exception):
     """An operator action that cannot be done; the message is shown to the operator."""
 

@@ -18,10 +18,11 @@ import pytest
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
 from adapters.telegram import RESEND_TEXT, RETRY_PRESS_TEXT
+from core.operators import ACTION_FAILED_TEXT
 from core.sentiment import build_classifier
 from tests.fakes.chat_driver import ScriptedGenerator, settled
 from tests.fakes.discord_driver import DmCustomer, discord_world, running_bot
-from tests.fakes.telegram_driver import telegram_harnesses, texts
+from tests.fakes.telegram_driver import OPERATOR_GROUP, telegram_harnesses, texts
 from tests.test_store_faults import FULL, FlakyStore
 
 RESEND = "Sorry, I could not take that message just now. Please send it again."
@@ -161,3 +162,31 @@ async def test_telegram_polling_a_button_press_that_cannot_be_stored_is_answered
         assert fake.callback_answer(again["id"])["text"] != RETRY_PRESS_TEXT  # type: ignore[index]
         assert await _inbound_rows(store) == [
             {"platform_message_id": f"cb:{again['id']}", "text": ""}]
+
+
+async def test_telegram_operator_action_that_fails_tells_the_operator_to_check(
+    classifier: Any, tmp_path: Path
+) -> None:
+    """An operator's answer may already have reached the customer when a later write fails,
+    so operators are told to check the ticket, never asked to simply send it again."""
+    dana = 501
+    async with telegram_harnesses(tmp_path, _generator(), classifier,
+                                  operator_ids=(dana,)) as start:
+        h = await start(store_factory=FlakyStore)
+        store: FlakyStore = h.store  # type: ignore[assignment]
+        fake = h.fake
+        ann, operator = fake.user(ANN, "Ann"), fake.user(dana, "Dana")
+        fake.send_text(ANN, ann, "/human")
+        await fake.wait_for(lambda: fake.topics(OPERATOR_GROUP), 10)
+        (thread,) = fake.topics(OPERATOR_GROUP)
+        await fake.wait_for(lambda: texts(fake, OPERATOR_GROUP, thread))
+        seen_by_ann = texts(fake, ANN)
+
+        store.fault = FULL
+        fake.send_text(OPERATOR_GROUP, operator, "/claim", thread_id=thread)
+        await fake.wait_for(lambda: any(
+            ACTION_FAILED_TEXT in t for t in texts(fake, OPERATOR_GROUP, thread)), 15)
+        store.fault = None
+        assert not any(RESEND_TEXT in t or "try again" in t
+                       for t in texts(fake, OPERATOR_GROUP, thread))
+        assert texts(fake, ANN) == seen_by_ann, "the customer saw nothing of it"
