@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import uuid
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +34,14 @@ from core.analytics import Analytics, AnalyticsError
 from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
 from core.config import WebSettings
 from core.messages import Inbound, Kind, Reply, User
-from core.operators import Operator, OperatorError, TicketView
+from core.operators import (
+    CustomerHistory,
+    Operator,
+    OperatorError,
+    OperatorInputError,
+    OperatorNotFound,
+    TicketView,
+)
 from core.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -97,6 +105,15 @@ def ticket_json(ticket: TicketView) -> dict[str, Any]:
         "last_customer_text": ticket.last_customer_text,
         "sentiment_trend": list(ticket.sentiment_trend),
         "note": ticket.note,
+    }
+
+
+def history_json(history: CustomerHistory) -> dict[str, Any]:
+    return {
+        "user_id": history.user_id,
+        "accounts": list(history.accounts),
+        "conversations": list(history.conversations),
+        "candidates": list(history.candidates),
     }
 
 
@@ -225,6 +242,8 @@ class WebAdapter(Adapter, CustomerChannel):
         app.router.add_get("/api/operator/analytics", self._analytics_data)
         app.router.add_get("/api/operator/report/latest", self._latest_report)
         app.router.add_get("/api/operator/report/latest.png", self._latest_report_png)
+        app.router.add_post("/api/operator/tickets/{id:\\d+}/link", self._link)
+        app.router.add_post("/api/operator/tickets/{id:\\d+}/unlink", self._unlink)
         app.router.add_post("/api/operator/tickets/{id:\\d+}/{action}", self._ticket_action)
         app.router.add_static("/static", STATIC)
         return app
@@ -553,15 +572,45 @@ class WebAdapter(Adapter, CustomerChannel):
         return web.json_response({"ticket": ticket_json(ticket)})
 
     async def _history(self, request: web.Request) -> web.Response:
+        """The customer's conversations on every account an operator linked."""
         self._operator(request)
         try:
-            ticket = await self.pipeline.operators.get(int(request.match_info["id"]))
+            history = await self.pipeline.operators.history(int(request.match_info["id"]))
         except OperatorError as exc:
             raise _json_error(web.HTTPNotFound, str(exc)) from None
-        rows = await self.analytics.call(
-            lambda conn: analytics.customer_history(conn, ticket.conversation_id)
-        )
-        return web.json_response({"conversations": rows})
+        return web.json_response(history_json(history))
+
+    async def _link(self, request: web.Request) -> web.Response:
+        """Link the ticket's customer with another account: ``{"platform": "telegram",
+        "platform_user_id": "12345"}``, or ``{"user_id": 7}`` for an account the console
+        showed."""
+        operator = self._operator(request)
+        body = await self._operator_body(request)
+        return await self._customer_action(
+            self.pipeline.operators.link(
+                int(request.match_info["id"]), operator, user_id=body.get("user_id"),
+                platform=body.get("platform"), platform_user_id=body.get("platform_user_id"),
+            ))
+
+    async def _unlink(self, request: web.Request) -> web.Response:
+        """Take one account (``{"user_id": 7}``) out of the ticket's customer."""
+        operator = self._operator(request)
+        body = await self._operator_body(request)
+        return await self._customer_action(
+            self.pipeline.operators.unlink(
+                int(request.match_info["id"]), operator, body.get("user_id")))
+
+    @staticmethod
+    async def _customer_action(action: Awaitable[CustomerHistory]) -> web.Response:
+        try:
+            history = await action
+        except OperatorInputError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        except OperatorNotFound as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        except OperatorError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        return web.json_response(history_json(history))
 
     @property
     def analytics(self) -> Analytics:

@@ -35,6 +35,31 @@ class OperatorError(Exception):
     """An operator action that cannot be done; the message is shown to the operator."""
 
 
+class OperatorInputError(OperatorError):
+    """The operator's request is malformed (a bad platform, a missing field)."""
+
+
+class OperatorNotFound(OperatorError):
+    """The operator named something that does not exist (a ticket, an account)."""
+
+
+PLATFORMS = ("discord", "telegram", "terminal", "web")
+"""Where customers can write from: what an account to link may be on."""
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerHistory:
+    """A ticket's customer across the accounts an operator linked: the accounts, every
+    conversation on any of them (newest first), and unlinked accounts with the same
+    display name that the operator may want to link."""
+
+    ticket_id: int
+    user_id: int
+    accounts: tuple[dict, ...]
+    conversations: tuple[dict, ...]
+    candidates: tuple[dict, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Operator:
     platform: str
@@ -235,6 +260,109 @@ class OperatorDesk:
         view = await self.get(ticket_id)
         await self._fan_out("ticket_updated", view)
         return view
+
+    # -- customers across accounts ---------------------------------------------------
+
+    async def _customer(self, ticket_id: int) -> tuple[dict, int]:
+        """The ticket's row and the user id of the account it came from."""
+        row = await self._store.ticket(ticket_id)
+        if row is None:
+            raise OperatorNotFound(f"there is no ticket {ticket_id}")
+        conv = await self._store.conversation(row["conversation_id"])
+        return row, int(conv["user_id"])
+
+    async def history(self, ticket_id: int, limit: int = 50) -> CustomerHistory:
+        row, user_id = await self._customer(ticket_id)
+        accounts = await self._store.linked_users(user_id)
+        conversations = await self._store.customer_conversations(user_id, limit)
+        me = next(a for a in accounts if a["id"] == user_id)
+        candidates: list[dict] = []
+        if me["display_name"].strip():
+            linked = {a["id"] for a in accounts}
+            candidates = [
+                r for r in await self._store.query(
+                    "SELECT id, platform, platform_user_id, display_name FROM users "
+                    "WHERE display_name = ? COLLATE NOCASE ORDER BY id DESC LIMIT 10",
+                    [me["display_name"].strip()],
+                )
+                if r["id"] not in linked
+            ][:5]
+        for c in conversations:
+            c["current"] = c["id"] == row["conversation_id"]
+            c["mean_negative"] = (None if c["mean_negative"] is None
+                                  else round(c["mean_negative"], 3))
+            c["last_text"] = c["last_text"] or ""
+        return CustomerHistory(ticket_id, user_id, tuple(accounts), tuple(conversations),
+                               tuple(candidates))
+
+    async def _account(self, platform: object, platform_user_id: object) -> dict:
+        if not isinstance(platform, str) or platform.strip().lower() not in PLATFORMS:
+            raise OperatorInputError(
+                f"platform must be one of {', '.join(PLATFORMS)}, not {platform!r}")
+        platform = platform.strip().lower()
+        if isinstance(platform_user_id, int) and not isinstance(platform_user_id, bool):
+            platform_user_id = str(platform_user_id)
+        if not isinstance(platform_user_id, str) or not platform_user_id.strip() \
+                or len(platform_user_id) > 200:
+            raise OperatorInputError(
+                "platform_user_id must be the account's id on its platform (a string of "
+                "1-200 characters)")
+        user = await self._store.user_by_platform_id(platform, platform_user_id.strip())
+        if user is None:
+            raise OperatorNotFound(
+                f"no {platform} user {platform_user_id.strip()} has written to us")
+        return user
+
+    async def _user_id(self, user_id: object) -> dict:
+        if not isinstance(user_id, int) or isinstance(user_id, bool) or user_id < 1:
+            raise OperatorInputError("user_id must be a positive integer")
+        user = await self._store.user(user_id)
+        if user is None:
+            raise OperatorNotFound(f"there is no user {user_id}")
+        return user
+
+    async def link(
+        self, ticket_id: int, operator: Operator, *, user_id: object = None,
+        platform: object = None, platform_user_id: object = None,
+    ) -> CustomerHistory:
+        """Link the ticket's customer with another account: one picked by its user id, or
+        named by platform and the platform's own user id."""
+        row, mine = await self._customer(ticket_id)
+        if user_id is not None:
+            other = await self._user_id(user_id)
+        elif platform is not None or platform_user_id is not None:
+            other = await self._account(platform, platform_user_id)
+        else:
+            raise OperatorInputError("give either user_id, or platform and platform_user_id")
+        if other["id"] in {a["id"] for a in await self._store.linked_users(mine)}:
+            raise OperatorError(f"{other['platform']} user {other['platform_user_id']} is "
+                                "already this customer's")
+        await self._store.link_users(mine, other["id"])
+        await self._store.log_event(
+            "customer_linked", user_id=mine, conversation_id=row["conversation_id"],
+            value=operator.label,
+            data={"ticket_id": ticket_id, "linked_user_id": other["id"],
+                  "platform": other["platform"], "platform_user_id": other["platform_user_id"]},
+        )
+        return await self.history(ticket_id)
+
+    async def unlink(self, ticket_id: int, operator: Operator, user_id: object) -> CustomerHistory:
+        """Take one account out of the ticket's customer (the ticket's own account too: it
+        then stands alone, and the others stay linked together)."""
+        row, mine = await self._customer(ticket_id)
+        other = await self._user_id(user_id)
+        accounts = await self._store.linked_users(mine)
+        if len(accounts) < 2 or other["id"] not in {a["id"] for a in accounts}:
+            raise OperatorNotFound(f"{other['platform']} user {other['platform_user_id']} is "
+                                   "not linked to this customer")
+        await self._store.unlink_user(other["id"])
+        await self._store.log_event(
+            "customer_unlinked", user_id=mine, conversation_id=row["conversation_id"],
+            value=operator.label,
+            data={"ticket_id": ticket_id, "unlinked_user_id": other["id"],
+                  "platform": other["platform"], "platform_user_id": other["platform_user_id"]},
+        )
+        return await self.history(ticket_id)
 
     # -- unclaimed tickets -----------------------------------------------------------
 

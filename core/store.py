@@ -34,7 +34,7 @@ LOCK_RETRY_DELAYS_S: Sequence[float] = (0.05, 0.1, 0.2, 0.4, 0.8)
 ConversationState = Literal["bot", "escalated", "operator", "resolved"]
 EventType = Literal[
     "message", "suggestion_shown", "suggestion_clicked", "article_viewed", "feedback",
-    "escalated", "resolved", "attachment", "command",
+    "escalated", "resolved", "attachment", "command", "customer_linked", "customer_unlinked",
 ]
 
 MIGRATIONS: Sequence[str] = (
@@ -115,6 +115,13 @@ MIGRATIONS: Sequence[str] = (
     );
     CREATE INDEX tickets_state ON tickets (state, created_at);
     CREATE INDEX tickets_conversation ON tickets (conversation_id);
+    """,
+    # One person's accounts on several platforms, linked by an operator: users sharing a
+    # customer_id are one customer (the id is the smallest member's user id); NULL is a
+    # user linked to nobody.
+    """
+    ALTER TABLE users ADD COLUMN customer_id INTEGER;
+    CREATE INDEX users_customer ON users (customer_id);
     """,
 )
 
@@ -593,3 +600,101 @@ class SQLiteStore:
         return await self.query(
             f"SELECT * FROM tickets WHERE state IN ({marks}) ORDER BY created_at", list(states)
         )
+
+    # -- customers: one person's linked accounts -----------------------------------------
+
+    async def user(self, user_id: int) -> dict | None:
+        rows = await self.query("SELECT * FROM users WHERE id = ?", [user_id])
+        return rows[0] if rows else None
+
+    async def user_by_platform_id(self, platform: str, platform_user_id: str) -> dict | None:
+        rows = await self.query(
+            "SELECT * FROM users WHERE platform = ? AND platform_user_id = ?",
+            [platform, platform_user_id],
+        )
+        return rows[0] if rows else None
+
+    @staticmethod
+    def _group(db: sqlite_utils.Database, user_id: int) -> list[int]:
+        """The ids of every user linked with ``user_id`` (itself included), ascending."""
+        row = db.execute("SELECT customer_id FROM users WHERE id = ?", [user_id]).fetchone()
+        if row is None:
+            raise StoreError(f"no user {user_id}")
+        if row[0] is None:
+            return [user_id]
+        return [r[0] for r in db.execute(
+            "SELECT id FROM users WHERE customer_id = ? ORDER BY id", [row[0]])]
+
+    async def linked_users(self, user_id: int) -> list[dict]:
+        """Every account of the customer ``user_id`` belongs to (itself included)."""
+
+        def op(db: sqlite_utils.Database) -> list[dict]:
+            ids = json.dumps(self._group(db, user_id))
+            return list(db.query(
+                "SELECT id, platform, platform_user_id, display_name, created_at FROM users "
+                "WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id", [ids]))
+
+        return await self._run(lambda: op(self.db))
+
+    async def link_users(self, user_id: int, other_id: int) -> list[int]:
+        """Make two users (and everyone already linked with either) one customer; returns
+        the merged group's user ids."""
+
+        def op(db: sqlite_utils.Database) -> list[int]:
+            merged = sorted({*self._group(db, user_id), *self._group(db, other_id)})
+            db.execute(
+                "UPDATE users SET customer_id = ? WHERE id IN (SELECT value FROM json_each(?))",
+                [merged[0], json.dumps(merged)],
+            )
+            return merged
+
+        return await self._run(self._tx, op)
+
+    async def unlink_user(self, user_id: int) -> list[int]:
+        """Take one user out of its customer; returns the ids left linked together (empty
+        when the user was linked to nobody, or one account remains alone)."""
+
+        def op(db: sqlite_utils.Database) -> list[int]:
+            group = self._group(db, user_id)
+            if len(group) < 2:
+                return []
+            rest = [i for i in group if i != user_id]
+            db.execute("UPDATE users SET customer_id = NULL WHERE id = ?", [user_id])
+            # Re-keyed to the smallest remaining id: a user's own id never names a group it
+            # is not in (a lone user is its own customer).
+            db.execute(
+                "UPDATE users SET customer_id = ? WHERE id IN (SELECT value FROM json_each(?))",
+                [rest[0] if len(rest) > 1 else None, json.dumps(rest)],
+            )
+            return rest if len(rest) > 1 else []
+
+        return await self._run(self._tx, op)
+
+    async def customer_conversations(self, user_id: int, limit: int = 50) -> list[dict]:
+        """The conversations of every account linked with ``user_id``, most recently
+        active first: platform, account, state, size, mood, tickets, last words."""
+
+        def op(db: sqlite_utils.Database) -> list[dict]:
+            ids = json.dumps(self._group(db, user_id))
+            return list(db.query(
+                "SELECT c.id, c.platform, c.conversation_key, c.user_id, u.platform_user_id, "
+                "u.display_name, c.state, c.created_at, c.updated_at, "
+                "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id "
+                " AND m.direction = 'in' AND m.kind = 'text') AS messages, "
+                "(SELECT AVG(p_negative) FROM messages m WHERE m.conversation_id = c.id "
+                " AND m.direction = 'in' AND m.p_negative IS NOT NULL) AS mean_negative, "
+                "(SELECT COUNT(*) FROM tickets t WHERE t.conversation_id = c.id) AS tickets, "
+                "(SELECT group_concat(reason, ', ') FROM tickets t "
+                " WHERE t.conversation_id = c.id) AS reasons, "
+                "(SELECT text FROM messages m WHERE m.conversation_id = c.id "
+                " AND m.direction = 'in' AND m.kind = 'text' ORDER BY m.id DESC LIMIT 1) "
+                " AS last_text, "
+                "COALESCE((SELECT MAX(created_at) FROM messages m "
+                " WHERE m.conversation_id = c.id), c.updated_at) AS last_at "
+                "FROM conversations c JOIN users u ON u.id = c.user_id "
+                "WHERE c.user_id IN (SELECT value FROM json_each(?)) "
+                "ORDER BY last_at DESC, c.id DESC LIMIT ?",
+                [ids, limit],
+            ))
+
+        return await self._run(lambda: op(self.db))

@@ -20,6 +20,7 @@ from playwright.async_api import Browser, Route, async_playwright, expect
 from core import analytics, report
 from tests.conftest import OPERATOR_TOKEN, SEEDED, Desk, seed_history
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, open_console
+from tests.test_customer_links import seed_conversation
 from tests.test_end_to_end import Customer
 
 pytestmark = pytest.mark.browser
@@ -236,4 +237,75 @@ async def test_customer_markup_shows_as_text_in_the_console_and_analytics(
     assert onerror[1] == "1" and onerror[3] == MARKUP, rows
     assert await page.locator("#topics-table img").count() == 0
     tab.assert_clean()
+    await context.close()
+
+
+async def test_operator_links_another_platform_account_and_sees_its_history(
+    desk: Desk, browser: Browser,
+) -> None:
+    """The customer wrote on Telegram yesterday and on the web chat today: the operator
+    links the Telegram account by its id from the page, and that conversation joins the
+    history with its platform badge; a Discord account with the same name is offered and
+    linked with one click; unlinking takes the Telegram one out again."""
+    await seed_conversation(desk.store, "telegram", "55501", "R. Park", "tg-chat-55501",
+                            "Ordered a blue kettle, order 5521", hours_ago=26)
+    await seed_conversation(desk.store, "discord", "8800", "Robin Park", "dc-chan-8800",
+                            "is anyone there?", hours_ago=50)
+    context = await browser.new_context()
+    console = await open_console(context, desk.base)
+    op = console.page
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{desk.base}/ws?session=links-browser-1&name=Robin%20Park")
+        customer = Customer(ws)
+        assert (await customer.next_frame(10))["type"] == "hello"
+        await customer.say("Where is my kettle?")
+        await customer.until("reply")
+        await ws.send_json({"type": "command", "id": "h1", "name": "human"})
+        await customer.until("message", sender="system")
+        await ws.close()
+
+    ticket = op.locator("#tickets li.ticket")
+    await expect(ticket).to_have_count(1, timeout=9_000)
+    await ticket.click()
+    history = op.locator("#history li")
+    await expect(history).to_have_count(1)
+    await expect(op.locator("#accounts li")).to_have_count(1)
+    candidate = op.locator("#candidates li")
+    await expect(candidate).to_have_count(1)
+    await expect(candidate).to_contain_text("Robin Park (8800)")
+
+    # An id nobody wrote from is named on the page.
+    await op.select_option("#link-platform", "telegram")
+    await op.fill("#link-user", "55599")
+    await op.click("#link-account")
+    await expect(op.locator("#link-error")).to_have_text("no telegram user 55599 has written to us")
+
+    await op.fill("#link-user", "55501")
+    await op.click("#link-account")
+    await expect(history).to_have_count(2)
+    await expect(op.locator("#link-error")).to_have_text("")
+    await expect(op.locator("#link-user")).to_have_value("")
+    telegram = op.locator("#history li[data-platform=telegram]")
+    await expect(telegram.locator(".badge")).to_have_text("telegram")
+    await expect(telegram.locator(".last")).to_have_text("Ordered a blue kettle, order 5521")
+    await expect(history.first).to_have_class(re.compile(r"\bcurrent\b"))  # newest first
+    await expect(op.locator("#accounts li")).to_have_count(2)
+
+    # Picking the offered account links it too; its conversation is the oldest.
+    await candidate.locator("button.link").click()
+    await expect(history).to_have_count(3)
+    await expect(history.last.locator(".badge")).to_have_text("discord")
+    await expect(candidate).to_have_count(0)
+
+    await op.locator("#accounts li", has_text="55501").locator("button.unlink").click()
+    await expect(history).to_have_count(2)
+    await expect(op.locator("#history li[data-platform=telegram]")).to_have_count(0)
+    await expect(op.locator("#accounts li")).to_have_count(2)
+    events = await desk.store.query(
+        "SELECT type, value FROM events WHERE type LIKE 'customer_%' ORDER BY id")
+    assert [(e["type"], e["value"]) for e in events] == [
+        ("customer_linked", "web:Dana"), ("customer_linked", "web:Dana"),
+        ("customer_unlinked", "web:Dana")]
+    assert await op.locator("#action-error").text_content() == ""
+    console.assert_clean()
     await context.close()

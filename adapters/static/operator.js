@@ -121,16 +121,28 @@
   // they are dropped, never shown (or drafted) under the new customer.
   const still = id => current !== null && current.id === id;
 
-  async function history(id) {
-    const data = await api(`/api/operator/tickets/${id}/history`);
-    if (!still(id)) return;
+  function badge(platform) {
+    const b = document.createElement("span");
+    b.className = "badge platform-" + platform.replace(/[^a-z]/g, "");
+    b.textContent = platform;
+    return b;
+  }
+
+  function accountText(a) {
+    return a.display_name ? `${a.display_name} (${a.platform_user_id})` : a.platform_user_id;
+  }
+
+  function drawHistory(data) {
     const list = $("history");
     list.replaceChildren();
     for (const c of data.conversations) {
       const li = document.createElement("li");
       li.className = "conversation" + (c.current ? " current" : "");
+      li.dataset.platform = c.platform;
       const neg = c.mean_negative == null ? "–" : c.mean_negative.toFixed(2);
-      li.textContent = `${c.created_at.slice(0, 16).replace("T", " ")} · ${c.platform} · ${c.messages} messages · mean negative ${neg} · ${c.tickets} ticket(s)${c.reasons ? " (" + reasonText(c.reasons) + ")" : ""}${c.current ? " · this conversation" : ""}`;
+      const text = document.createElement("span");
+      text.textContent = ` ${c.created_at.slice(0, 16).replace("T", " ")} · ${c.messages} messages · mean negative ${neg} · ${c.tickets} ticket(s)${c.reasons ? " (" + reasonText(c.reasons) + ")" : ""}${c.current ? " · this conversation" : ""}`;
+      li.append(badge(c.platform), text);
       if (c.last_text) {
         const last = document.createElement("div");
         last.className = "last";
@@ -138,6 +150,60 @@
         li.appendChild(last);
       }
       list.appendChild(li);
+    }
+    const accounts = $("accounts");
+    accounts.replaceChildren();
+    for (const a of data.accounts) {
+      const li = document.createElement("li");
+      li.className = "account";
+      li.dataset.userId = a.id;
+      const label = document.createElement("span");
+      label.textContent = " " + accountText(a) + (a.id === data.user_id ? " · this ticket" : "");
+      li.append(badge(a.platform), label);
+      if (a.id !== data.user_id) {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "unlink";
+        button.textContent = "Unlink";
+        button.addEventListener("click", () => linkAction("unlink", { user_id: a.id }));
+        li.appendChild(button);
+      }
+      accounts.appendChild(li);
+    }
+    const candidates = $("candidates");
+    candidates.replaceChildren();
+    for (const a of data.candidates) {
+      const li = document.createElement("li");
+      li.className = "candidate";
+      const label = document.createElement("span");
+      label.textContent = " same name: " + accountText(a);
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "link";
+      button.textContent = "Link";
+      button.addEventListener("click", () => linkAction("link", { user_id: a.id }));
+      li.append(badge(a.platform), label, button);
+      candidates.appendChild(li);
+    }
+  }
+
+  async function history(id) {
+    const data = await api(`/api/operator/tickets/${id}/history`);
+    if (still(id)) drawHistory(data);
+  }
+
+  // Link or unlink an account; the answer is the customer's new history.
+  async function linkAction(action, body) {
+    $("link-error").textContent = "";
+    const id = current.id;
+    try {
+      const data = await api(`/api/operator/tickets/${id}/${action}`, body);
+      if (!still(id)) return false;
+      drawHistory(data);
+      return true;
+    } catch (e) {
+      if (still(id)) $("link-error").textContent = e.message;
+      return false;
     }
   }
 
@@ -242,6 +308,14 @@
     // Cleared only once delivered: a refused or failed reply keeps the operator's text.
     if (await act("reply", { text }) && still(id) && $("reply").value.trim() === text) {
       $("reply").value = "";
+    }
+  });
+  $("link-form").addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const user = $("link-user").value.trim();
+    if (!user || !current) return;
+    if (await linkAction("link", { platform: $("link-platform").value, platform_user_id: user })) {
+      $("link-user").value = "";
     }
   });
   $("draft").addEventListener("click", draft);
