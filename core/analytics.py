@@ -536,40 +536,6 @@ def generator(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
     }
 
 
-def customer_history(
-    conn: sqlite3.Connection, conversation_id: int, limit: int = 20
-) -> list[dict[str, Any]]:
-    """The same customer's conversations, newest first: size, mood, tickets, last words.
-
-    A customer is one user row, so this spans every conversation of that account; the
-    store has no link between one person's accounts on different platforms.
-    """
-    conn.row_factory = sqlite3.Row
-    try:
-        rows = conn.execute(
-            "SELECT c.id, c.platform, c.state, c.created_at, c.updated_at, "
-            "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id "
-            " AND m.direction = 'in' AND m.kind = 'text') AS messages, "
-            "(SELECT AVG(p_negative) FROM messages m WHERE m.conversation_id = c.id "
-            " AND m.direction = 'in' AND m.p_negative IS NOT NULL) AS mean_negative, "
-            "(SELECT COUNT(*) FROM tickets t WHERE t.conversation_id = c.id) AS tickets, "
-            "(SELECT group_concat(reason, ', ') FROM tickets t "
-            " WHERE t.conversation_id = c.id) AS reasons, "
-            "(SELECT text FROM messages m WHERE m.conversation_id = c.id AND m.direction = 'in' "
-            " AND m.kind = 'text' ORDER BY m.id DESC LIMIT 1) AS last_text "
-            "FROM conversations c WHERE c.user_id = "
-            "(SELECT user_id FROM conversations WHERE id = ?) ORDER BY c.updated_at DESC LIMIT ?",
-            (conversation_id, limit),
-        ).fetchall()
-    finally:
-        conn.row_factory = None
-    return [
-        {**dict(row), "mean_negative": _round(row["mean_negative"], 3),
-         "current": row["id"] == conversation_id, "last_text": row["last_text"] or ""}
-        for row in rows
-    ]
-
-
 QUERIES: dict[str, Callable[[sqlite3.Connection, TimeRange], dict[str, Any]]] = {
     "sentiment": sentiment,
     "escalations": escalations,

@@ -85,22 +85,6 @@ async def test_the_previous_day_and_a_week_by_day(seeded: tuple[Path, datetime])
     assert week["total"] == 15
 
 
-async def test_customer_history_lists_every_conversation_of_the_account(
-    seeded: tuple[Path, datetime],
-) -> None:
-    path, _ = seeded
-    reader = Analytics(path)
-    try:
-        rows = await reader.call(lambda conn: analytics.customer_history(conn, 903))
-    finally:
-        await reader.close()
-    assert [r["id"] for r in rows] == [903, 902, 901]
-    current = rows[0]
-    assert current["current"] and current["messages"] == 7 and current["tickets"] == 1
-    assert current["reasons"] == "negative_sentiment"
-    assert current["last_text"] == "Where is my refund? This is awful."
-
-
 def test_indexes_are_created_once_and_the_month_queries_use_them(tmp_path: Path) -> None:
     import asyncio
 
