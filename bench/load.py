@@ -214,6 +214,7 @@ class Tally:
     sent: int = 0
     answered: int = 0
     lost: int = 0
+    late: int = 0
     duplicated: int = 0
     out_of_order: int = 0
     handed_over: int = 0
@@ -223,11 +224,12 @@ class Tally:
 class Customer:
     """One conversation: a WebSocket, its messages one after another."""
 
-    __slots__ = ("_finals", "_reader", "_ws", "checks_content", "session")
+    __slots__ = ("_finals", "_reader", "_ws", "checks_content", "session", "timed_out")
 
     def __init__(self, session: str, checks_content: bool) -> None:
         self.session = session
         self.checks_content = checks_content
+        self.timed_out = False  # gave up waiting: the one reply owed may still come, late
         self._finals: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -248,6 +250,7 @@ class Customer:
                 frame = await asyncio.wait_for(self._finals.get(), reply_timeout_s)
             except TimeoutError:
                 tally.lost += 1  # and the conversation gives up, as a customer would
+                self.timed_out = True
                 return
             tally.latencies.append(time.perf_counter() - started)
             tally.answered += 1
@@ -267,8 +270,14 @@ class Customer:
                     self._finals.put_nowait(frame)
 
     async def close(self, tally: Tally) -> None:
-        """Late extra answers count as duplicates."""
-        tally.duplicated += self._finals.qsize()
+        """Answers that came after the last one awaited: the reply given up on arrives
+        late (not lost after all, and no duplicate); any other is a duplicate."""
+        extra = self._finals.qsize()
+        if self.timed_out and extra:
+            tally.lost -= 1
+            tally.late += 1
+            extra -= 1
+        tally.duplicated += extra
         if self._ws is not None:
             await self._ws.close()
         if self._reader is not None:
@@ -282,6 +291,7 @@ class PhaseResult:
     messages: int
     answered: int
     lost: int
+    late: int
     duplicated: int
     out_of_order: int
     handed_over: int
@@ -298,9 +308,31 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
 
 
+async def settle(http: aiohttp.ClientSession, base: str, timeout_s: float) -> None:
+    """Wait until the service has nothing queued, running or owed to its database (its
+    /metrics say so): any duplicate reply has been sent by then. Then a moment for the
+    frames still on the wire."""
+    names = ("supportbot_queue_depth", "supportbot_conversations_busy",
+             "supportbot_store_backlog")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        async with http.get(f"{base}/metrics") as resp:
+            text = await resp.text()
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in names:
+                values[name] = float(value)
+        if len(values) == len(names) and not any(values.values()):
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)
+
+
 async def run_phase(name: str, base: str, conversations: int, messages: int, *,
                     concurrency: int, checks_content: bool, reply_timeout_s: float,
                     grace_s: float, prefix: str) -> PhaseResult:
+    """``grace_s``: the longest wait, after the last answer, for the service to settle."""
     tally = Tally()
     limit = asyncio.Semaphore(concurrency)
     customers = [Customer(f"{prefix}-{i:05d}", checks_content) for i in range(conversations)]
@@ -313,11 +345,12 @@ async def run_phase(name: str, base: str, conversations: int, messages: int, *,
         started = time.perf_counter()
         await asyncio.gather(*(one(i, c) for i, c in enumerate(customers)))
         seconds = time.perf_counter() - started
-        await asyncio.sleep(grace_s)  # a duplicate would arrive now
+        await settle(http, base, grace_s)  # a duplicate would have arrived by then
         for customer in customers:
             await customer.close(tally)
     return PhaseResult(
-        name, conversations, tally.sent, tally.answered, tally.lost, tally.duplicated,
+        name, conversations, tally.sent, tally.answered, tally.lost, tally.late,
+        tally.duplicated,
         tally.out_of_order, tally.handed_over, seconds,
         tally.answered / seconds if seconds else 0.0,
         _percentile(tally.latencies, 0.5), _percentile(tally.latencies, 0.99),
@@ -356,11 +389,13 @@ class LoadReport:
     rss_end_mb: float
     audit: dict[str, int]
     soak: list[tuple[float, float]] = field(default_factory=list)  # (seconds, RSS MB)
+    soaked: PhaseResult | None = None  # the soak's own figures, apart from the load's
 
     def problems(self) -> int:
-        load = self.load
-        return (load.lost + load.duplicated + load.out_of_order + self.audit["db_no_reply"]
-                + self.audit["db_replied_twice"] + self.audit["db_unanswered"])
+        phases = [p for p in (self.baseline, self.load, self.soaked) if p is not None]
+        return (sum(p.lost + p.duplicated + p.out_of_order for p in phases)
+                + self.audit["db_no_reply"] + self.audit["db_replied_twice"]
+                + self.audit["db_unanswered"])
 
 
 async def soak(base: str, service: ServiceProcess, seconds: float, concurrency: int,
@@ -386,7 +421,7 @@ async def soak(base: str, service: ServiceProcess, seconds: float, concurrency: 
         while time.monotonic() - started < seconds:
             totals.append(await run_phase(
                 "soak", base, concurrency, messages, concurrency=concurrency,
-                checks_content=checks_content, reply_timeout_s=120, grace_s=0.0,
+                checks_content=checks_content, reply_timeout_s=120, grace_s=30.0,
                 prefix=f"soak{round_no}",
             ))
             round_no += 1
@@ -397,7 +432,8 @@ async def soak(base: str, service: ServiceProcess, seconds: float, concurrency: 
     answered = sum(p.answered for p in totals)
     merged = PhaseResult(
         "soak", sum(p.conversations for p in totals), sum(p.messages for p in totals),
-        answered, sum(p.lost for p in totals), sum(p.duplicated for p in totals),
+        answered, sum(p.lost for p in totals), sum(p.late for p in totals),
+        sum(p.duplicated for p in totals),
         sum(p.out_of_order for p in totals), sum(p.handed_over for p in totals), seconds_total,
         answered / seconds_total if seconds_total else 0.0,
         statistics.median([p.p50_ms for p in totals]) if totals else float("nan"),
@@ -432,27 +468,20 @@ async def run_load(*, conversations: int, messages: int, generator: str = "canne
             baseline = await run_phase(
                 "baseline (1 conversation)", service.base, 1, baseline_messages,
                 concurrency=1, checks_content=checks, reply_timeout_s=reply_timeout_s,
-                grace_s=1.0, prefix="base",
+                grace_s=30.0, prefix="base",
             )
         load = await run_phase(
             "load", service.base, conversations, messages,
             concurrency=concurrency or conversations, checks_content=checks,
-            reply_timeout_s=reply_timeout_s, grace_s=3.0, prefix="load",
+            reply_timeout_s=reply_timeout_s, grace_s=30.0, prefix="load",
         )
         samples: list[tuple[float, float]] = []
+        soaked: PhaseResult | None = None
         if soak_s > 0:
             samples, soaked = await soak(
                 service.base, service, soak_s, concurrency or min(conversations, 100),
                 messages, sample_s, checks,
                 lambda t, rss: echo(f"  soak t={t:6.0f} s  RSS {rss:7.1f} MB"),
-            )
-            load = PhaseResult(
-                "load + soak", load.conversations + soaked.conversations,
-                load.messages + soaked.messages, load.answered + soaked.answered,
-                load.lost + soaked.lost, load.duplicated + soaked.duplicated,
-                load.out_of_order + soaked.out_of_order, load.handed_over + soaked.handed_over,
-                load.seconds, load.throughput,
-                load.p50_ms, load.p99_ms,
             )
         rss_end = service.rss_mb()
     finally:
@@ -460,27 +489,28 @@ async def run_load(*, conversations: int, messages: int, generator: str = "canne
         if canned is not None:
             await canned.close()
     report = LoadReport(generator, baseline, load, rss_start, rss_end,
-                        audit_database(folder / "load.db"), samples)
+                        audit_database(folder / "load.db"), samples, soaked)
     if tmp is not None:
         tmp.cleanup()
     return report
 
 
 def print_report(report: LoadReport) -> None:
-    rows = [p for p in (report.baseline, report.load) if p is not None]
-    print(f"\n{'phase':<28}{'convs':>7}{'msgs':>8}{'msg/s':>9}{'p50 ms':>10}{'p99 ms':>10}"
-          f"{'lost':>6}{'dup':>6}{'order':>7}")
+    rows = [p for p in (report.baseline, report.load, report.soaked) if p is not None]
+    print(f"\n{'phase':<28}{'convs':>7}{'msgs':>8}{'secs':>8}{'msg/s':>9}{'p50 ms':>10}"
+          f"{'p99 ms':>10}{'lost':>6}{'late':>6}{'dup':>6}{'order':>7}")
     for p in rows:
-        print(f"{p.name:<28}{p.conversations:>7}{p.messages:>8}{p.throughput:>9.2f}"
-              f"{p.p50_ms:>10.0f}{p.p99_ms:>10.0f}{p.lost:>6}{p.duplicated:>6}"
-              f"{p.out_of_order:>7}")
+        print(f"{p.name:<28}{p.conversations:>7}{p.messages:>8}{p.seconds:>8.1f}"
+              f"{p.throughput:>9.2f}{p.p50_ms:>10.0f}{p.p99_ms:>10.0f}{p.lost:>6}{p.late:>6}"
+              f"{p.duplicated:>6}{p.out_of_order:>7}")
     if report.baseline is not None and report.baseline.throughput:
         b, load = report.baseline, report.load
         print(f"vs one conversation alone: {load.throughput / b.throughput:.1f}x throughput, "
               f"p50 latency {load.p50_ms / b.p50_ms:.1f}x")
-    if report.load.handed_over:
-        print(f"conversations handed to a person (negative sentiment): "
-              f"{report.load.handed_over}; their customers stopped writing")
+    handed = sum(p.handed_over for p in rows)
+    if handed:
+        print(f"conversations handed to a person (negative sentiment): {handed}; their "
+              "customers stopped writing")
     print(f"service RSS: {report.rss_start_mb:.0f} MB at start, {report.rss_end_mb:.0f} MB "
           "at end")
     if report.soak:

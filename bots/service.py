@@ -161,8 +161,11 @@ class Service:
         self.recommender = await build_recommender(self.settings, self.store, retriever)
         self.pipeline = Pipeline(
             self.settings, self.store, self.classifier, self.generator, self.recommender,
-            build_grounder(self.settings, retriever),
+            build_grounder(self.settings, retriever), recover_first=True,
         )
+        # Adapters accept messages from here; until recovery has queued the older
+        # unanswered ones, a new message is only committed, so each conversation is
+        # answered in order.
         for adapter in self.adapters:
             await adapter.start(self.pipeline)
         await self.pipeline.recover()

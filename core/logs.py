@@ -50,14 +50,47 @@ class ScrubFilter(logging.Filter):
         return redact_pii(text) if self._redact else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = self.scrub(record.getMessage())
+        """Never raises and never drops a record: a bad call (arguments that do not match
+        the format) must not break the code that logged, nor lose the line."""
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = f"{record.msg}{record.args!r}"
+        record.msg = self._safe_scrub(message)
         record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = self.scrub(record.exc_text)
+        try:
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+        except Exception:
+            record.exc_text = repr(record.exc_info[1]) if record.exc_info else None
         record.exc_info = None
+        if record.exc_text:
+            record.exc_text = self._safe_scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self._safe_scrub(record.stack_info)
+        # Extra fields the JSON formatter writes as they are (strings) or as their repr.
+        for key, value in list(vars(record).items()):
+            if key in _STANDARD or key.startswith("_") or key == "conversation_id" \
+                    or value is None or isinstance(value, (bool, int, float)):
+                continue
+            text = value if isinstance(value, str) else _safe_repr(value)
+            setattr(record, key, self._safe_scrub(text))
         return True
+
+    def _safe_scrub(self, text: str) -> str:
+        try:
+            return self.scrub(text)
+        except Exception:  # a redaction bug must not lose the line, nor leak a secret
+            for secret in self._secrets:
+                text = text.replace(secret, SECRET_MASK)
+            return text
+
+
+def _safe_repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:
+        return f"<{type(value).__name__} object>"
 
 
 class JsonFormatter(logging.Formatter):
@@ -78,6 +111,8 @@ class JsonFormatter(logging.Formatter):
             line["exception"] = record.exc_text
         elif record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = record.stack_info
         return json.dumps(line, ensure_ascii=False)
 
 

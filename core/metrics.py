@@ -62,3 +62,13 @@ UNDELIVERED = Counter(
     "Customers sent an unrecorded apology because the database failed mid-message",
     registry=REGISTRY,
 )
+STORE_BACKLOG = Gauge(
+    "supportbot_store_backlog",
+    "Writes owed to the database for replies already sent, waiting for it to work again",
+    registry=REGISTRY,
+)
+STORE_WRITES_LOST = Counter(
+    "supportbot_store_writes_lost_total",
+    "Owed database writes given up: one that kept failing, or still owed at shutdown",
+    ["reason"], registry=REGISTRY,
+)

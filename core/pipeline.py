@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextvars
 import json
 import logging
 import time
@@ -53,13 +54,41 @@ class _Job:
     stored: StoredInbound = field(compare=False)
 
 
+@dataclass(slots=True)
+class _Owed:
+    """A write the database owes (a reply already went out); ``tries`` counts the rounds
+    in which it failed although the database took other writes."""
+
+    write: Callable[[], Awaitable[object]]
+    tries: int = 0
+
+
+BACKLOG_MAX_TRIES = 5
+"""A backlog write that fails this often while the database works is set aside (logged and
+counted), so one bad write cannot block the answers waiting behind it."""
+CLOSE_FLUSH_S = 2.0
+"""How long :meth:`Pipeline.close` tries to write the backlog before giving up on it."""
+
+
+class EmptyReply(GenerationError):
+    """The model streamed nothing visible."""
+
+    kind = "empty"
+
+
+def _healer_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the store healer stopped", exc_info=task.exception())
+
+
 class Pipeline:
     """The core of the service; adapters call :meth:`submit` and implement the channels."""
 
     __slots__ = (
-        "_active", "_backlog", "_classifier", "_closing", "_generator", "_grounder", "_healer",
-        "_inflight", "_params", "_policy", "_queues", "_recommender", "_settings",
-        "_store_retry_s", "_workers", "channels", "operators", "store",
+        "_active", "_apologised", "_backlog", "_classifier", "_closing", "_faults",
+        "_generator", "_grounder", "_healer", "_held", "_inflight", "_params", "_parked",
+        "_policy", "_queues", "_recommender", "_recovered", "_retry_delay", "_settings",
+        "_store_retry_s", "_watchers", "_workers", "channels", "operators", "store",
     )
 
     def __init__(
@@ -72,6 +101,7 @@ class Pipeline:
         grounder: Grounder | None = None,
         *,
         store_retry_s: float = 1.0,
+        recover_first: bool = False,
     ) -> None:
         self._settings = settings
         self._grounder = grounder
@@ -93,10 +123,22 @@ class Pipeline:
         self._closing = False
         # Message ids queued or being processed in this run: recovery never takes them twice.
         self._inflight: set[int] = set()
+        # Sets that running recoveries watch: ids finished meanwhile are not queued again.
+        self._watchers: list[set[int]] = []
+        # Committed but not queued (startup recovery not run yet, or the healer running):
+        # queued in order, together with what recovery finds.
+        self._held: list[_Job] = []
+        self._recovered = not recover_first
         # Writes that failed after the customer already had the reply, retried by the healer.
-        self._backlog: list[Callable[[], Awaitable[object]]] = []
+        self._backlog: list[_Owed] = []
         self._healer: asyncio.Task[None] | None = None
         self._store_retry_s = store_retry_s
+        # The healer's wait; grows while the database keeps failing, back to the base only
+        # once a message is completed (not when a probe merely succeeds).
+        self._retry_delay = store_retry_s
+        self._apologised: set[int] = set()  # at most one apology per message
+        self._parked: set[int] = set()  # left unanswered by a fault, not queued
+        self._faults = 0
         breaker = getattr(generator, "breaker", None)
         if breaker is not None:
             states = {"closed": 0, "half_open": 1, "open": 2}
@@ -107,6 +149,12 @@ class Pipeline:
     def attach(self, channel: CustomerChannel) -> None:
         self.channels[channel.platform] = channel
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, running, held, owed to the database, or being healed."""
+        return not (self._inflight or self._workers or self._held or self._backlog
+                    or self._healer is not None)
+
     # -- intake ----------------------------------------------------------------------
 
     async def submit(self, inbound: Inbound) -> bool:
@@ -114,21 +162,28 @@ class Pipeline:
 
         Raises :class:`~core.store.StoreError` when the event could not be committed: the
         adapter must then tell the platform (or the browser) that it was not accepted.
-        While the database is recovering from a fault, a committed event is not queued
-        here; the healer queues it, in order, with the ones the fault interrupted.
+        Before startup recovery has run, and while the database is recovering from a
+        fault, a committed event is held, not queued: recovery queues it, in order, with
+        the older ones still unanswered.
         """
         stored = await self.store.record_inbound(inbound)
         if stored is None:
             metrics.DUPLICATES.labels(inbound.platform).inc()
             return False
         metrics.MESSAGES.labels(inbound.platform, inbound.kind.value).inc()
-        if not self._closing and self._healer is None:
-            self._enqueue(_Job(stored.message_id, inbound, stored))
+        job = _Job(stored.message_id, inbound, stored)
+        if self._closing:
+            pass  # committed; the next start answers it
+        elif self._healer is not None or not self._recovered:
+            self._held.append(job)
+        else:
+            self._enqueue(job)
         return True
 
     def _enqueue(self, job: _Job) -> None:
         if job.message_id in self._inflight:
             return
+        self._parked.discard(job.message_id)
         self._inflight.add(job.message_id)
         metrics.QUEUE_DEPTH.set(len(self._inflight))
         key = job.stored.conversation_id
@@ -138,9 +193,15 @@ class Pipeline:
             self._workers[key] = asyncio.create_task(self._drain(key), name=f"conversation-{key}")
             metrics.QUEUED.set(len(self._workers))
 
-    def _done(self, job: _Job) -> None:
+    def _release(self, job: _Job) -> None:
+        """Not in flight any more (finished, or handed back to recovery)."""
         self._inflight.discard(job.message_id)
         metrics.QUEUE_DEPTH.set(len(self._inflight))
+
+    def _done(self, job: _Job) -> None:
+        self._release(job)
+        for seen in self._watchers:
+            seen.add(job.message_id)
 
     async def _drain(self, key: int) -> None:
         queue = self._queues[key]
@@ -148,24 +209,31 @@ class Pipeline:
             while queue and not self._closing:
                 job = queue.pop(0)
                 token = CONVERSATION_ID.set(job.stored.conversation_id)
+                handed_back = False
                 try:
                     await self._process(job)
+                    self._retry_delay = self._store_retry_s  # the database works end to end
                 except asyncio.CancelledError:
                     raise
                 except StoreError as exc:
-                    await self._store_failed(job, queue, exc)
+                    self._park(job, queue)
+                    handed_back = True
+                    await self._apologise(job, exc)
                 except Exception:
                     log.exception("message %s failed", job.stored.message_id)
                     await self._mark(job, "failed")
                 finally:
                     CONVERSATION_ID.reset(token)
-                    self._done(job)
+                    if not handed_back:
+                        self._done(job)
+                        self._apologised.discard(job.message_id)
         finally:
             # No await between the emptiness check and removal: nothing can slip in.
             if not queue or self._closing:
                 self._queues.pop(key, None)
                 for job in queue:
-                    self._done(job)
+                    self._release(job)
+                queue.clear()
             self._workers.pop(key, None)
             if queue and not self._closing:
                 self._workers[key] = asyncio.create_task(self._drain(key))
@@ -173,25 +241,37 @@ class Pipeline:
 
     # -- database faults -------------------------------------------------------------
 
-    async def _store_failed(self, job: _Job, queue: list[_Job], exc: StoreError) -> None:
-        """The database failed before this message was answered. The customer gets an
-        honest apology (not recorded: the database is what failed); the message and the
-        rest of its conversation stay committed and unanswered, and the healer answers
-        them, in order, when the database works again."""
+    def _park(self, job: _Job, queue: list[_Job]) -> None:
+        """The database failed before this message was answered: it and the rest of its
+        conversation stay committed and unanswered, for the healer to queue in order.
+        The healer starts first, so no newer message is queued ahead of them meanwhile;
+        nothing here awaits."""
+        self._faults += 1
+        self._start_healer()
+        for parked in (job, *queue):
+            self._release(parked)
+            self._parked.add(parked.message_id)
+        queue.clear()
+
+    async def _apologise(self, job: _Job, exc: StoreError) -> None:
+        """An honest apology (not recorded: the database is what failed), once per
+        message however often the fault interrupts it."""
+        if job.message_id in self._apologised:
+            log.warning("message %s: database failed again before the reply: %s",
+                        job.stored.message_id, exc)
+            return
         log.error("message %s: database failed before the reply, apologising: %s",
                   job.stored.message_id, exc)
-        for parked in queue:
-            self._done(parked)
-        queue.clear()
         channel = self.channels.get(job.inbound.platform)
-        if channel is not None and job.inbound.kind in (Kind.TEXT, Kind.COMMAND):
-            try:
-                await channel.deliver(job.inbound.conversation_key,
-                                      Reply(STORE_FALLBACK_TEXT, Sender.SYSTEM))
-                metrics.UNDELIVERED.inc()
-            except Exception:
-                log.exception("could not send the apology either")
-        self._start_healer()
+        if channel is None or job.inbound.kind not in (Kind.TEXT, Kind.COMMAND):
+            return
+        self._apologised.add(job.message_id)
+        try:
+            await channel.deliver(job.inbound.conversation_key,
+                                  Reply(STORE_FALLBACK_TEXT, Sender.SYSTEM))
+            metrics.UNDELIVERED.inc()
+        except Exception:
+            log.exception("could not send the apology either")
 
     async def _after_send(self, write: Callable[[], Awaitable[object]]) -> None:
         """A write after the customer already has the reply: if the database fails it is
@@ -200,44 +280,91 @@ class Pipeline:
             await write()
         except StoreError as exc:
             log.error("database failed after a reply was sent; will retry the write: %s", exc)
-            self._backlog.append(write)
-            self._start_healer()
+            self._owe(write)
+
+    def _owe(self, write: Callable[[], Awaitable[object]]) -> None:
+        self._backlog.append(_Owed(write))
+        metrics.STORE_BACKLOG.set(len(self._backlog))
+        self._start_healer()
 
     def _start_healer(self) -> None:
         if self._healer is None and not self._closing:
-            self._healer = asyncio.create_task(self._heal(), name="store-healer")
+            # A fresh context: the healer works for no one conversation.
+            self._healer = asyncio.create_task(
+                self._heal(), name="store-healer", context=contextvars.Context()
+            )
+            self._healer.add_done_callback(_healer_ended)
 
     async def _heal(self) -> None:
-        """Retry until the database works: first the writes it owes for replies already
-        sent, then the messages the fault left unanswered (new ones wait meanwhile)."""
-        delay, count = self._store_retry_s, 0
+        """Retry until the database takes writes again: first the writes it owes for
+        replies already sent, then the messages the fault left unanswered, with those
+        committed meanwhile (new ones are held until then, so order is kept)."""
         try:
-            while True:
-                if self._closing:
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._store_retry_s * 8)
+            while not self._closing:
+                await asyncio.sleep(self._retry_delay)
+                self._retry_delay = min(self._retry_delay * 2, self._store_retry_s * 8)
                 try:
-                    while self._backlog:
-                        await self._backlog[0]()
-                        self._backlog.pop(0)
-                    count = await self.recover()
-                    break
+                    if await self._heal_once():
+                        return
                 except StoreError as exc:
                     log.warning("database still failing: %s", exc)
+                except Exception:
+                    log.exception("the store healer failed; trying again")
         finally:
-            self._healer = None  # new events queue themselves again from here
-        try:
-            count += await self.recover()  # those committed while the first pass ran
-        except StoreError:
-            self._start_healer()
-            return
-        log.warning("database works again; %d waiting messages queued", count)
+            if self._healer is asyncio.current_task():
+                self._healer = None
 
-    async def recover(self) -> int:
-        """Queue what a previous run (or a database fault) left accepted but unanswered."""
-        rows = await self.store.unfinished_inbound(sorted(self._inflight))
+    async def _heal_once(self) -> bool:
+        """One round; ``True`` when everything waiting is queued and nothing is owed."""
+        probed = False
+        if self._parked:
+            # A real write: a transaction that changes nothing succeeds on a full disk.
+            await self.store.set_inbound_status(min(self._parked), "received")
+            probed = True
+        while self._backlog:
+            owed = self._backlog[0]
+            try:
+                await owed.write()
+            except Exception as exc:
+                if probed or not isinstance(exc, StoreError):
+                    owed.tries += 1
+                if owed.tries < BACKLOG_MAX_TRIES:
+                    raise
+                log.error("a database write failed %d times although the database works; "
+                          "set aside: %s", owed.tries, exc)
+                metrics.STORE_WRITES_LOST.labels("failing").inc()
+            self._backlog.pop(0)
+            metrics.STORE_BACKLOG.set(len(self._backlog))
+            probed = True
+        count = await self.recover(finish_healing=True)
+        if self._healer is not None:
+            return False  # another fault came meanwhile: its messages need a round too
+        log.warning("database works again; %d waiting messages queued", count)
+        return True
+
+    async def recover(self, *, finish_healing: bool = False) -> int:
+        """Queue what a previous run (or a database fault) left accepted but unanswered,
+        together with what was committed but held meanwhile, all in one step."""
+        seen: set[int] = set()
+        self._watchers.append(seen)
+        faults, parked = self._faults, set(self._parked)
+        try:
+            rows = await self.store.unfinished_inbound(sorted(self._inflight))
+            ids = sorted({int(r["conversation_id"]) for r in rows})
+            convos = {
+                int(c["id"]): c for c in await self.store.query(
+                    "SELECT id, user_id, state FROM conversations "
+                    "WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(ids)],
+                )
+            } if ids else {}
+        finally:
+            self._watchers.remove(seen)
+        # From here to the end, no await: nothing can finish or be submitted in between.
+        jobs = list(self._held)
         for row in rows:
+            if row["id"] in seen or row["conversation_id"] not in convos:
+                continue  # finished while we looked (or its conversation is gone)
+            convo = convos[row["conversation_id"]]
             inbound = Inbound(
                 platform=row["platform"],
                 conversation_key=row["conversation_key"],
@@ -247,17 +374,27 @@ class Pipeline:
                 kind=Kind(row["kind"]),
                 payload=row["payload"],
             )
-            convo = await self.store.conversation(row["conversation_id"])
             stored = StoredInbound(row["id"], row["conversation_id"], convo["user_id"],
                                    convo["state"])
-            self._enqueue(_Job(stored.message_id, inbound, stored))
+            jobs.append(_Job(stored.message_id, inbound, stored))
+        self._held.clear()
+        if not self._closing:
+            for job in sorted(jobs):
+                if job.message_id not in seen:
+                    self._enqueue(job)
+        self._parked -= parked  # found now, or answered: those parked since need a round
+        self._recovered = True
+        if (finish_healing and self._faults == faults and not self._backlog
+                and self._healer is asyncio.current_task()):
+            self._healer = None  # new events queue themselves again from here
         if rows:
             log.info("recovered %d unanswered messages", len(rows))
         return len(rows)
 
     async def close(self, grace_s: float) -> None:
         """Let in-flight replies finish for ``grace_s``; the rest stay unanswered in the
-        store (status ``received``) and are picked up by :meth:`recover` on next start."""
+        store (status ``received``) and are picked up by :meth:`recover` on next start.
+        Writes still owed to the database are tried once, for a short time."""
         self._closing = True
         if self._healer is not None:
             self._healer.cancel()
@@ -267,7 +404,26 @@ class Pipeline:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self._flush_backlog()
         await self.operators.stop()
+
+    async def _flush_backlog(self) -> None:
+        if not self._backlog:
+            return
+        total = len(self._backlog)
+        try:
+            async with asyncio.timeout(CLOSE_FLUSH_S):
+                while self._backlog:
+                    await self._backlog[0].write()
+                    self._backlog.pop(0)
+        except Exception as exc:
+            log.error("closing: %d of %d writes owed to the database are lost: %s",
+                      len(self._backlog), total, str(exc) or type(exc).__name__)
+            metrics.STORE_WRITES_LOST.labels("closed").inc(len(self._backlog))
+        else:
+            log.info("closing: wrote the %d writes owed to the database", total)
+        metrics.STORE_BACKLOG.set(len(self._backlog))
+
 
     # -- processing ------------------------------------------------------------------
 
@@ -521,8 +677,8 @@ class Pipeline:
             raise
         try:
             platform_id = await stream.finish(reply)
-        except Exception as exc:  # the platform refused it: not sent, say so in the store
-            await self.store.finish_outbound(out_id, status="failed", error=str(exc)[:500])
+        except BaseException as exc:  # refused, or stopped at shutdown: not sent, say so
+            await self._not_sent(out_id, exc)
             raise
         latency = time.perf_counter() - started
         await self._after_send(lambda: self.store.finish_outbound(
@@ -563,7 +719,7 @@ class Pipeline:
                 await pieces.aclose()  # type: ignore[attr-defined]
         text = (text + shown.flush()).strip()
         if not text:
-            raise GenerationError("the model produced an empty reply")
+            raise EmptyReply("the model produced an empty reply")
         return text
 
     async def draft_reply(self, conversation_id: int) -> str:
@@ -619,17 +775,17 @@ class Pipeline:
             await self.operators.announce(ticket_id)
         return "fallback"
 
-    def _error_kind(self, exc: BaseException) -> str:
-        breaker = getattr(self._generator, "breaker", None)
-        if breaker is not None and str(breaker.state) == "open":
-            return "circuit_open"
-        text = str(exc)
-        if isinstance(exc, TimeoutError) or "within" in text or "timed out" in text:
+    @staticmethod
+    def _error_kind(exc: BaseException) -> str:
+        """The metric label, from what failed (its type), not from the breaker's state
+        after the failure nor from words in the message."""
+        if isinstance(exc, TimeoutError):
             return "timeout"
+        kind = getattr(exc, "kind", None)
+        if isinstance(kind, str):
+            return kind
         if getattr(exc, "partial", False):
             return "cut_mid_stream"
-        if "empty" in text:
-            return "empty"
         return "error"
 
     async def _suggest(
@@ -671,10 +827,26 @@ class Pipeline:
             raise RuntimeError(f"no adapter for platform {convo['platform']!r} is running")
         try:
             platform_id = await channel.deliver(convo["conversation_key"], reply)
-        except Exception as exc:
-            await self.store.finish_outbound(out_id, status="failed", error=str(exc)[:500])
+        except BaseException as exc:  # refused, or stopped at shutdown: not sent, say so
+            await self._not_sent(out_id, exc)
             raise
         await self._after_send(lambda: self.store.finish_outbound(
             out_id, status="sent", platform_message_id=platform_id,
             author=None if operator is None else operator.label,
         ))
+
+    async def _not_sent(self, out_id: int, exc: BaseException) -> None:
+        """Record a reply that did not go out as ``failed``, so recovery answers its message
+        again; only a reply that may really have reached the platform stays ``sending``.
+        Shielded, so a shutdown that cancels the sender cannot skip it; a database fault
+        puts the write in the backlog."""
+        error = ("interrupted at shutdown" if isinstance(exc, asyncio.CancelledError)
+                 else str(exc)[:500] or type(exc).__name__)
+        write = lambda: self.store.finish_outbound(out_id, status="failed", error=error)  # noqa: E731
+        try:
+            await asyncio.shield(write())
+        except StoreError as store_exc:
+            log.error("could not record reply %s as not sent; will retry: %s", out_id, store_exc)
+            self._owe(write)
+        except asyncio.CancelledError:
+            pass  # cancelled again: the shielded write still runs

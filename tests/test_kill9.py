@@ -161,7 +161,7 @@ async def test_kill_9_mid_load_then_restart_answers_every_message_exactly_once(
 
             await wait_for(lambda: all(t.answers_seen() >= len(t.sent) for t in tabs),
                            timeout=400, step=0.2)
-            await asyncio.sleep(3.0)  # a duplicate would arrive now
+            await wait_for(lambda: _idle(http, base, db), timeout=60, step=0.2)
             for tab in tabs:
                 assert tab.answers_seen() == len(tab.sent), (
                     f"{tab.session}: {len(tab.sent)} messages, {tab.answers_seen()} answers: "
@@ -204,6 +204,23 @@ async def test_kill_9_mid_load_then_restart_answers_every_message_exactly_once(
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+async def _idle(http: aiohttp.ClientSession, base: str, db: Path) -> bool:
+    """Every message answered and nothing queued, running or owed to the database: a
+    duplicate would have been sent by now (only a new recovery could queue one)."""
+    async with http.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    gauges = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("supportbot_queue_depth", "supportbot_conversations_busy",
+                    "supportbot_store_backlog"):
+            gauges[name] = float(value)
+    if len(gauges) < 3 or any(gauges.values()):
+        return False
+    rows = await asyncio.to_thread(_db_rows, db)
+    return all(r["status"] == "answered" for r in rows if r["direction"] == "in")
 
 
 def _db_rows(db: Path) -> list[dict[str, Any]]:

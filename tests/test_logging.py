@@ -116,3 +116,32 @@ async def test_every_line_about_a_message_carries_its_conversation_id(
     assert startup and startup[0]["conversation_id"] is None
     assert "bo@example.org" not in buf.getvalue()
     assert all(set(ln) >= {"ts", "level", "logger", "message", "conversation_id"} for ln in lines)
+
+
+def test_a_bad_logging_call_is_written_not_raised(restore_root_logging: None) -> None:
+    """Arguments that do not match the format: the caller goes on, the line is written
+    (format and arguments as they were given), and a secret in them is still masked."""
+    buf = io.StringIO()
+    configure_logging(fmt="json", secrets=[TELEGRAM_TOKEN], stream=buf)
+    logging.getLogger("core.adapters").warning("sent %s to %s", TELEGRAM_TOKEN)
+    (line,) = _lines(buf)
+    assert line["message"] == f"sent %s to %s('{SECRET_MASK}',)"
+    assert TELEGRAM_TOKEN not in buf.getvalue()
+
+
+def test_extras_and_stack_are_scrubbed_too(restore_root_logging: None) -> None:
+    buf = io.StringIO()
+    configure_logging(fmt="json", secrets=[TELEGRAM_TOKEN], stream=buf)
+    url = f"https://api.telegram.org/bot{TELEGRAM_TOKEN}/getMe"
+    logging.getLogger("supportbot.client").warning(
+        "request", extra={"url": url, "request": {"token": TELEGRAM_TOKEN}, "attempt": 2},
+    )
+    logging.getLogger("core.pipeline").warning("where", stack_info=True)  # ann.lee@example.com
+    first, second = _lines(buf)
+    assert first["url"] == f"https://api.telegram.org/bot{SECRET_MASK}/getMe"
+    assert first["request"] == f"{{'token': '{SECRET_MASK}'}}"
+    assert first["attempt"] == 2
+    assert "test_extras_and_stack_are_scrubbed_too" in second["stack"]
+    assert "{{Email}}" in second["stack"]
+    out = buf.getvalue()
+    assert TELEGRAM_TOKEN not in out and "ann.lee@example.com" not in out

@@ -161,3 +161,20 @@ async def test_generator_down_shows_in_breaker_state_and_error_kinds(tmp_path: P
             - _sample(before, "supportbot_generator_errors_total", kind="circuit_open")) == 1
     assert (_sample(after, "supportbot_escalations_total", reason="generation_failed")
             - _sample(before, "supportbot_escalations_total", reason="generation_failed")) == 1
+
+
+def test_generator_error_kinds_come_from_the_error_not_its_wording() -> None:
+    """The label says what failed: a message that merely contains "within" or "empty" is
+    no timeout, and a circuit that opened because of this failure does not relabel it."""
+    from core.generation import GenerationError
+    from core.generation.vllm import CircuitOpenError, GenerationTimeout
+    from core.pipeline import EmptyReply, Pipeline
+
+    kind = Pipeline._error_kind
+    assert kind(GenerationTimeout("http://vllm sent no text within 5 s")) == "timeout"
+    assert kind(TimeoutError()) == "timeout"
+    assert kind(CircuitOpenError("circuit open since 12:00")) == "circuit_open"
+    assert kind(EmptyReply("the model produced an empty reply")) == "empty"
+    assert kind(GenerationError("cut", partial=True)) == "cut_mid_stream"
+    assert kind(GenerationError("a reply within the limits, but an empty choice")) == "error"
+    assert kind(GenerationTimeout("slow", partial=True)) == "timeout"

@@ -53,6 +53,18 @@ _ESTIMATE_PIECES = re.compile(r"\w+|[^\w\s]|\n")
 _ESTIMATE_BYTES_PER_EXTRA_TOKEN = 8
 
 
+class GenerationTimeout(GenerationError):
+    """The server took too long (to the first piece, or in all): counted as a timeout."""
+
+    kind = "timeout"
+
+
+class CircuitOpenError(GenerationError):
+    """The breaker refused the request before any connection: counted as circuit open."""
+
+    kind = "circuit_open"
+
+
 class VLLMStartupError(ConfigError):
     """The server is missing or does not serve the configured model (names URL and models)."""
 
@@ -337,7 +349,7 @@ class VLLMGenerator:
         try:
             self._breaker.acquire()
         except CircuitOpen as exc:
-            raise GenerationError(str(exc)) from None
+            raise CircuitOpenError(str(exc)) from None
         deadline = asyncio.get_running_loop().time() + self._settings.timeout_s
         return self._body(messages, params, stream), deadline
 
@@ -413,12 +425,12 @@ class VLLMGenerator:
                         partial=produced,
                     ) from None
                 except TimeoutError:
-                    raise GenerationError(
+                    raise GenerationTimeout(
                         f"the reply took longer than {self._settings.timeout_s:g} s",
                         partial=produced,
                     ) from None
                 except GenerationError as exc:
-                    raise GenerationError(str(exc), partial=produced) from None
+                    raise type(exc)(str(exc), partial=produced) from None
                 if event is None:
                     raise GenerationError(
                         f"{self._root} closed the stream before [DONE]", partial=produced
@@ -488,7 +500,7 @@ class VLLMGenerator:
                 if resp is not None:
                     resp.close()
                 waited = min(first_token_s, self._settings.timeout_s)
-                raise GenerationError(f"{self._root} sent no text within {waited:g} s") from None
+                raise GenerationTimeout(f"{self._root} sent no text within {waited:g} s") from None
             except BaseException:
                 if resp is not None:
                     resp.close()
@@ -575,7 +587,7 @@ class VLLMGenerator:
         except TimeoutError:
             error = f"{self._root} sent no reply within {self._settings.timeout_s:g} s"
             self._breaker.failure(error)
-            raise GenerationError(error) from None
+            raise GenerationTimeout(error) from None
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             self._breaker.failure(str(exc))
             raise GenerationError(f"{self._root} sent a malformed completion: {exc}") from None
