@@ -3,6 +3,7 @@ recommender, after real traffic through the web adapter."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -153,7 +154,15 @@ async def test_generator_down_shows_in_breaker_state_and_error_kinds(tmp_path: P
                 pass
             assert frame["text"] == svc.settings.generator.fallback_text
             await ws.close()
-            after = await _metrics(http, base)
+            # The fallback is sent before the ticket is opened: wait for the escalation.
+            escalated = _sample(before, "supportbot_escalations_total",
+                                reason="generation_failed") + 1
+            for _ in range(150):
+                after = await _metrics(http, base)
+                if _sample(after, "supportbot_escalations_total",
+                           reason="generation_failed") >= escalated:
+                    break
+                await asyncio.sleep(0.1)
     finally:
         await svc.stop()
     assert _sample(after, "supportbot_generator_breaker_state") == 2
