@@ -8,6 +8,7 @@ import asyncio
 import importlib
 import logging
 import sys
+from typing import Any
 
 from core.config import ConfigError, Settings, load_settings
 from core.logs import configure_logging, secret_values
@@ -99,6 +100,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tool(parsers: Any, name: str, module_name: str) -> None:
+    """A tool module implements ``configure(parser)`` and ``run(args) -> int``."""
+    module = importlib.import_module(module_name)
+    p = parsers.add_parser(name, help=(module.__doc__ or "").strip().split("\n")[0])
+    module.configure(p)
+    p.set_defaults(handler=module.run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supportbot", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,24 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default="config.toml", help="path of config.toml")
         p.set_defaults(handler=fn)
     for name, module_name in TOP_LEVEL_TOOLS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        p = commands.add_parser(name, help=(module.__doc__ or "").strip().split("\n")[0])
-        module.configure(p)
-        p.set_defaults(handler=module.run)
+        _add_tool(commands, name, module_name)
     for group, tools in OFFLINE_TOOLS.items():
         g = commands.add_parser(group, help=f"offline tools: {', '.join(tools)}")
         sub = g.add_subparsers(dest="tool", required=True)
         for tool, module_name in tools.items():
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue
-            p = sub.add_parser(tool, help=(module.__doc__ or "").strip().split("\n")[0])
-            module.configure(p)
-            p.set_defaults(handler=module.run)
+            _add_tool(sub, tool, module_name)
     return parser
 
 
