@@ -35,6 +35,7 @@ from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
 from core.config import WebSettings
 from core.messages import Inbound, Kind, Reply, User
 from core.operators import (
+    ACTION_FAILED_TEXT,
     CustomerHistory,
     Operator,
     OperatorError,
@@ -43,6 +44,7 @@ from core.operators import (
     TicketView,
 )
 from core.pipeline import Pipeline
+from core.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -563,6 +565,11 @@ class WebAdapter(Adapter, CustomerChannel):
             return web.json_response({"error": str(exc)}, status=409)
         except web.HTTPException:
             raise
+        except StoreError:
+            # Part of it may have happened (the customer may have the answer already):
+            # the operator checks the ticket rather than sending it blindly again.
+            log.exception("operator %s on ticket %d failed", action, ticket_id)
+            return web.json_response({"error": ACTION_FAILED_TEXT}, status=500)
         except Exception as exc:
             # The desk could not deliver or record it (the platform or the store failed):
             # the console keeps the operator's text and says what went wrong.

@@ -677,7 +677,11 @@ class Pipeline:
             raise
         try:
             platform_id = await stream.finish(reply)
-        except BaseException as exc:  # refused, or stopped at shutdown: not sent, say so
+        except asyncio.CancelledError:
+            # Stopped at shutdown mid-send: it may already have reached the customer, so it
+            # stays 'sending', which counts as sent. The last hop is at most once.
+            raise
+        except Exception as exc:  # refused by the platform: not sent, say so
             await self._not_sent(out_id, exc)
             raise
         latency = time.perf_counter() - started
@@ -757,11 +761,8 @@ class Pipeline:
             out_id, status="failed", error=error,
             latency_ms=(time.perf_counter() - started) * 1000,
         )
-        await self.send_to_customer(
-            job.stored.conversation_id,
-            Reply(self._settings.generator.fallback_text, Sender.SYSTEM),
-            reply_to=job.stored.message_id,
-        )
+        # The ticket first: once the fallback (which answers the message) is sent, a store
+        # fault could no longer bring the message back, and nobody would follow it up.
         ticket_id = await self.store.open_ticket(
             job.stored.conversation_id, REASON_GENERATION, {"error": error[:300]}
         )
@@ -772,6 +773,12 @@ class Pipeline:
                 conversation_id=job.stored.conversation_id, value=REASON_GENERATION,
                 data={"ticket_id": ticket_id},
             )
+        await self.send_to_customer(
+            job.stored.conversation_id,
+            Reply(self._settings.generator.fallback_text, Sender.SYSTEM),
+            reply_to=job.stored.message_id,
+        )
+        if ticket_id is not None:
             await self.operators.announce(ticket_id)
         return "fallback"
 
@@ -827,7 +834,9 @@ class Pipeline:
             raise RuntimeError(f"no adapter for platform {convo['platform']!r} is running")
         try:
             platform_id = await channel.deliver(convo["conversation_key"], reply)
-        except BaseException as exc:  # refused, or stopped at shutdown: not sent, say so
+        except asyncio.CancelledError:
+            raise  # may have reached the customer: stays 'sending' (at most once)
+        except Exception as exc:  # refused by the platform: not sent, say so
             await self._not_sent(out_id, exc)
             raise
         await self._after_send(lambda: self.store.finish_outbound(
@@ -836,12 +845,11 @@ class Pipeline:
         ))
 
     async def _not_sent(self, out_id: int, exc: BaseException) -> None:
-        """Record a reply that did not go out as ``failed``, so recovery answers its message
-        again; only a reply that may really have reached the platform stays ``sending``.
+        """Record a reply the platform refused as ``failed``, so recovery answers its message
+        again; a reply that may really have reached the platform stays ``sending``.
         Shielded, so a shutdown that cancels the sender cannot skip it; a database fault
         puts the write in the backlog."""
-        error = ("interrupted at shutdown" if isinstance(exc, asyncio.CancelledError)
-                 else str(exc)[:500] or type(exc).__name__)
+        error = str(exc)[:500] or type(exc).__name__
         write = lambda: self.store.finish_outbound(out_id, status="failed", error=error)  # noqa: E731
         try:
             await asyncio.shield(write())

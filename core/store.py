@@ -123,6 +123,11 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE users ADD COLUMN customer_id INTEGER;
     CREATE INDEX users_customer ON users (customer_id);
     """,
+    # v3: the console offers accounts with the same display name for linking; without this
+    # index that lookup scans every user on the store's one thread.
+    """
+    CREATE INDEX users_display_name ON users (display_name COLLATE NOCASE);
+    """,
 )
 
 

@@ -26,9 +26,10 @@ from core import metrics
 from core.channels import CustomerChannel, ReplyStream
 from core.logs import ConversationFilter
 from core.messages import Inbound, Kind, Reply, User
+from core.operators import ACTION_FAILED_TEXT
 from core.pipeline import STORE_FALLBACK_TEXT, Pipeline
 from core.store import SQLiteStore, StoreError
-from tests.conftest import make_settings, wait_for
+from tests.conftest import OPERATOR_TOKEN, make_settings, wait_for
 
 T = TypeVar("T")
 FULL = "database or disk is full"
@@ -365,9 +366,10 @@ async def test_disk_full_for_writes_only_apologises_once_then_answers(
                                "AND status = 'answered'") == 1
 
 
-async def test_reply_cut_off_by_shutdown_is_answered_after_the_restart(tmp_path: Path) -> None:
-    """Shutdown cancels a reply the platform had not taken yet: it is recorded as not sent,
-    so the next start answers the question (it was recorded as sent, and never answered)."""
+async def test_reply_cut_off_by_shutdown_is_never_sent_twice(tmp_path: Path) -> None:
+    """Shutdown cancels a reply in the middle of its send. It may already have reached the
+    customer, so it stays 'sending', which counts as sent: the next start does not answer
+    the question again (the last hop is at most once)."""
     settings = _settings(tmp_path, shutdown_grace_s=0.2)
     service = Service(settings)
     await service.start()
@@ -394,10 +396,9 @@ async def test_reply_cut_off_by_shutdown_is_answered_after_the_restart(tmp_path:
     store = SQLiteStore(settings.store.path)
     await store.open()
     try:
-        assert await store.query("SELECT status, error FROM messages WHERE direction = 'out'") \
-            == [{"status": "failed", "error": "interrupted at shutdown"}]
-        waiting = await store.unfinished_inbound()
-        assert [r["platform_message_id"] for r in waiting] == [f"cut-by-shutdown:{client_id}"]
+        assert await store.query("SELECT status FROM messages WHERE direction = 'out'") \
+            == [{"status": "sending"}]
+        assert await store.unfinished_inbound() == []
     finally:
         await store.close()
 
@@ -611,3 +612,32 @@ async def test_close_writes_what_is_owed_to_the_database(tmp_path: Path) -> None
             == [{"status": "answered"}]
     finally:
         await check.close()
+
+
+async def test_operator_reply_hit_by_a_database_fault_says_check_before_repeating(
+    flaky_service: Service,
+) -> None:
+    """The console keeps the operator's text on an error; a database fault may strike after
+    the customer got the answer, so the console says to check the ticket, not 'try again'."""
+    store: FlakyStore = flaky_service.store  # type: ignore[assignment]
+    base = f"http://127.0.0.1:{flaky_service.adapters[0].port}"
+    auth = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    async with aiohttp.ClientSession() as http:
+        tab = await _tab(http, flaky_service, "operator-fault")
+        await tab.command("human")
+        for _ in range(200):
+            async with http.get(f"{base}/api/operator/tickets", headers=auth) as r:
+                tickets = (await r.json())["tickets"]
+            if tickets:
+                break
+            await asyncio.sleep(0.1)
+        ticket = tickets[0]["id"]
+        async with http.post(f"{base}/api/operator/tickets/{ticket}/claim",
+                             json={}, headers=auth) as r:
+            assert r.status == 200
+        store.fault = FULL
+        async with http.post(f"{base}/api/operator/tickets/{ticket}/reply",
+                             json={"text": "Your refund is on its way."}, headers=auth) as r:
+            assert r.status == 500
+            assert (await r.json())["error"] == ACTION_FAILED_TEXT
+        store.fault = None
