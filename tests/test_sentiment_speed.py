@@ -37,6 +37,8 @@ CLEAR_TEXTS = {
 }
 """Messages any sentiment model should get right; the head labels them this way."""
 
+PROCESS_DEFAULT_THREADS = torch.get_num_threads()
+
 
 @pytest.fixture(scope="module")
 async def head_pair() -> AsyncIterator[tuple[_Batched, _Batched]]:
@@ -164,5 +166,8 @@ async def test_worker_runs_on_one_thread_without_changing_the_process(
     fp32, _ = head_pair
     assert fp32._batcher is not None
     assert await fp32._batcher.run_in_worker(torch.get_num_threads) == 1
+    # Against the default read before any classifier started: comparing with the main
+    # thread's count would pass even if pinning had leaked into the process default.
     with ThreadPoolExecutor(1) as other:
-        assert other.submit(torch.get_num_threads).result() == torch.get_num_threads()
+        assert other.submit(torch.get_num_threads).result() == PROCESS_DEFAULT_THREADS
+    assert torch.get_num_threads() == PROCESS_DEFAULT_THREADS

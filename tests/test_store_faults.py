@@ -174,31 +174,30 @@ async def _stop(service: Service) -> None:
     await service.stop()
 
 
-@pytest.fixture
-async def flaky_service(tmp_path: Path) -> AsyncIterator[Service]:
-    service = await _service(tmp_path, FlakyStore)
+async def _running(tmp_path: Path, store_type: type[FlakyStore]) -> AsyncIterator[Service]:
+    service = await _service(tmp_path, store_type)
     try:
         yield service
     finally:
         await _stop(service)
+
+
+@pytest.fixture
+async def flaky_service(tmp_path: Path) -> AsyncIterator[Service]:
+    async for service in _running(tmp_path, FlakyStore):
+        yield service
 
 
 @pytest.fixture
 async def writes_fail_service(tmp_path: Path) -> AsyncIterator[Service]:
-    service = await _service(tmp_path, WritesFailStore)
-    try:
+    async for service in _running(tmp_path, WritesFailStore):
         yield service
-    finally:
-        await _stop(service)
 
 
 @pytest.fixture
 async def hook_service(tmp_path: Path) -> AsyncIterator[Service]:
-    service = await _service(tmp_path, HookStore)
-    try:
+    async for service in _running(tmp_path, HookStore):
         yield service
-    finally:
-        await _stop(service)
 
 
 class Tab:
