@@ -37,8 +37,6 @@ CLEAR_TEXTS = {
 }
 """Messages any sentiment model should get right; the head labels them this way."""
 
-PROCESS_DEFAULT_THREADS = torch.get_num_threads()
-
 
 @pytest.fixture(scope="module")
 async def head_pair() -> AsyncIterator[tuple[_Batched, _Batched]]:
@@ -160,14 +158,20 @@ async def test_batched_results_follow_their_messages(tuned_folder: Path) -> None
         await clf.close()
 
 
-async def test_worker_runs_on_one_thread_without_changing_the_process(
-    head_pair: tuple[_Batched, _Batched],
-) -> None:
-    fp32, _ = head_pair
-    assert fp32._batcher is not None
-    assert await fp32._batcher.run_in_worker(torch.get_num_threads) == 1
-    # Against the default read before any classifier started: comparing with the main
-    # thread's count would pass even if pinning had leaked into the process default.
-    with ThreadPoolExecutor(1) as other:
-        assert other.submit(torch.get_num_threads).result() == PROCESS_DEFAULT_THREADS
-    assert torch.get_num_threads() == PROCESS_DEFAULT_THREADS
+async def test_worker_runs_on_one_thread_without_changing_the_process() -> None:
+    def fresh_thread_count() -> int:
+        with ThreadPoolExecutor(1) as other:
+            return other.submit(torch.get_num_threads).result()
+
+    # The process default as a new thread sees it, read before this classifier starts:
+    # comparing with the main thread afterwards would pass even if pinning leaked into it.
+    torch.set_num_threads(2)
+    default = fresh_thread_count()
+    clf = build_classifier("minilm", "", "", 32, 2.0)
+    await clf.start()
+    try:
+        assert clf._batcher is not None
+        assert await clf._batcher.run_in_worker(torch.get_num_threads) == 1
+        assert fresh_thread_count() == default == 2
+    finally:
+        await clf.close()
