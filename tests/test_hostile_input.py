@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
@@ -51,6 +52,12 @@ FRAME = st.one_of(
                           # test_unhashable_command_name_drops_only_that_socket).
                           optional={"text": JSON, "suggestion": JSON, "name": SCALAR}),
 )
+
+# The same examples on every run, so CI is reproducible; run with
+# HYPOTHESIS_PROFILE=explore to search fresh examples locally.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # -- the neutral message type ------------------------------------------------------------
