@@ -65,7 +65,8 @@ _LIBRARY_RETRIED = frozenset({500, 502, 504, 524})
 T = TypeVar("T")
 
 _FENCE = "```"
-_FENCE_LINE = re.compile(r"^\s*```")
+_FENCE_RUN = re.compile("```")
+_FENCE_LANG = re.compile(r"([A-Za-z0-9_+#.-]{1,16})\n")
 _PAIRED_MARKERS = ("**", "__", "~~", "||")
 _TICKET_IN_NAME = re.compile(r"^#(\d+)\b")
 _LINKABLE = re.compile(r"https?://[^\s<>]+")
@@ -117,44 +118,61 @@ def escape_model_markdown(text: str) -> str:
 
 
 def _open_fence(text: str) -> str | None:
-    """The opening fence line (e.g. ```py) if ``text`` ends inside a code block."""
+    """The fence to reopen with (``` plus a short language tag) if ``text`` ends inside a
+    code block. Fences count wherever they stand, as :func:`escape_model_markdown` and
+    Discord count them; a long or odd "language" is not carried over."""
     opened: str | None = None
-    for line in text.split("\n"):
-        if _FENCE_LINE.match(line):
-            opened = None if opened is not None else line.strip()
+    for match in _FENCE_RUN.finditer(text):
+        if opened is not None:
+            opened = None
+            continue
+        lang = _FENCE_LANG.match(text, match.end())
+        opened = _FENCE + (lang.group(1) if lang else "")
     return opened
 
 
 def _cut_point(text: str, budget: int) -> tuple[int, int]:
-    """Where to cut ``text`` to at most ``budget`` characters: (end of piece, start of rest)."""
+    """Where to cut ``text`` to at most ``budget`` characters: (end of piece, start of rest).
+
+    Never inside a ``` fence, which would leave stray backticks on both sides."""
     window = text[: budget + 1]
+    end = start = budget
     for sep in ("\n\n", "\n", " "):
         at = window.rfind(sep, budget // 3, budget + 1)
         if at > 0:
-            return at, at + len(sep)
-    return budget, budget
+            end, start = at, at + len(sep)
+            break
+    for match in _FENCE_RUN.finditer(text, max(0, end - 2), end + 2):
+        if match.start() < end < match.end():
+            end = start = match.start() if match.start() > 0 else match.end()
+    return end, start
 
 
 def split_message(text: str, limit: int = MAX_MESSAGE) -> list[str]:
     """Split into messages of at most ``limit`` characters on word boundaries.
 
     A code block cut in two is closed at the end of one message and reopened (with its
-    language) at the start of the next, so both render as code.
+    language) at the start of the next, so both render as code; every message closes the
+    blocks it opens.
     """
     text = text.strip()
     chunks: list[str] = []
     fence: str | None = None
+    closing = "\n" + _FENCE
     while text:
         prefix = f"{fence}\n" if fence else ""
-        if len(prefix) + len(text) <= limit:
-            chunks.append(prefix + text)
+        whole = prefix + text
+        if len(whole) + (len(closing) if _open_fence(whole) else 0) <= limit:
+            chunks.append(whole + closing if _open_fence(whole) else whole)
             break
-        budget = limit - len(prefix) - len("\n" + _FENCE)
-        end, start = _cut_point(text, budget)
-        body = prefix + text[:end].rstrip()
+        end, start = _cut_point(text, limit - len(prefix) - len(closing))
+        piece = text[:end].rstrip()
         text = text[start:]
+        if not piece.strip():
+            continue  # only whitespace up to the cut: nothing to send
+        body = prefix + piece
         fence = _open_fence(body)
-        chunks.append(body + "\n" + _FENCE if fence else body)
+        chunks.append(body + closing if fence else body)
     return chunks
 
 

@@ -196,6 +196,21 @@ def test_split_message_reopens_a_code_block_cut_in_two() -> None:
     assert chunks[1].startswith("```py\n")
 
 
+@pytest.mark.parametrize("text", [
+    "```0000000000000000000000000000000000",  # the fence's first line longer than a chunk
+    "000```" + "0" * 43,  # a fence that opens mid-line
+    "ab ``" + "`" * 40,  # a cut that would fall inside a run of backticks
+])
+def test_split_message_at_a_small_limit_keeps_it_and_closes_every_block(text: str) -> None:
+    """Found by hypothesis: these left a block open or ran past the limit."""
+    chunks = split_message(escape_model_markdown(text), 40)
+    assert chunks and all(len(c) <= 40 for c in chunks), chunks
+    for chunk in chunks:
+        assert chunk.count("```") % 2 == 0, chunks
+    assert "".join(c.replace("```", "").replace("\n", "") for c in chunks).count("0") == \
+        text.count("0")
+
+
 def test_model_markdown_repaired_only_where_broken() -> None:
     assert escape_model_markdown("Use **bold** and `code`") == "Use **bold** and `code`"
     assert escape_model_markdown("5 ** 2 is 25") == "5 \\*\\* 2 is 25"
