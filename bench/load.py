@@ -308,22 +308,30 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
 
 
+BUSY_GAUGES = ("supportbot_queue_depth", "supportbot_conversations_busy",
+               "supportbot_store_backlog")
+
+
+async def busy_gauges(http: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    """The service's own view of work in hand, from its /metrics."""
+    async with http.get(f"{base}/metrics", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        text = await resp.text()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in BUSY_GAUGES:
+            values[name] = float(value)
+    return values
+
+
 async def settle(http: aiohttp.ClientSession, base: str, timeout_s: float) -> None:
     """Wait until the service has nothing queued, running or owed to its database (its
     /metrics say so): any duplicate reply has been sent by then. Then a moment for the
     frames still on the wire."""
-    names = ("supportbot_queue_depth", "supportbot_conversations_busy",
-             "supportbot_store_backlog")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        async with http.get(f"{base}/metrics") as resp:
-            text = await resp.text()
-        values = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in names:
-                values[name] = float(value)
-        if len(values) == len(names) and not any(values.values()):
+        values = await busy_gauges(http, base)
+        if len(values) == len(BUSY_GAUGES) and not any(values.values()):
             break
         await asyncio.sleep(0.1)
     await asyncio.sleep(0.2)
@@ -400,20 +408,27 @@ class LoadReport:
 
 async def soak(base: str, service: ServiceProcess, seconds: float, concurrency: int,
                messages: int, sample_s: float, checks_content: bool,
-               on_sample: Callable[[float, float], None]) -> tuple[list[tuple[float, float]],
-                                                                   PhaseResult]:
+               on_sample: Callable[[float, float, dict[str, float]], None],
+               echo: Callable[[str], None] = print,
+               ) -> tuple[list[tuple[float, float]], PhaseResult]:
     """Keep ``concurrency`` conversations busy for ``seconds``; sample RSS meanwhile."""
     samples: list[tuple[float, float]] = []
     started = time.monotonic()
     totals: list[PhaseResult] = []
 
     async def sampler() -> None:
-        while True:
-            t = time.monotonic() - started
-            rss = service.rss_mb()
-            samples.append((t, rss))
-            on_sample(t, rss)
-            await asyncio.sleep(sample_s)
+        async with aiohttp.ClientSession() as http:
+            while True:
+                t = time.monotonic() - started
+                rss = service.rss_mb()
+                samples.append((t, rss))
+                try:
+                    gauges = await busy_gauges(http, base)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    gauges = {"metrics unreachable": 1.0}
+                    echo(f"  soak t={t:6.0f} s  /metrics: {exc!r}")
+                on_sample(t, rss, gauges)
+                await asyncio.sleep(sample_s)
 
     task = asyncio.create_task(sampler())
     round_no = 0
@@ -424,6 +439,10 @@ async def soak(base: str, service: ServiceProcess, seconds: float, concurrency: 
                 checks_content=checks_content, reply_timeout_s=120, grace_s=30.0,
                 prefix=f"soak{round_no}",
             ))
+            done = totals[-1]
+            echo(f"  soak round {round_no}: {done.answered}/{done.messages} answered in "
+                 f"{done.seconds:.1f} s, lost {done.lost}, dup {done.duplicated}, "
+                 f"order {done.out_of_order}")
             round_no += 1
     finally:
         task.cancel()
@@ -481,7 +500,11 @@ async def run_load(*, conversations: int, messages: int, generator: str = "canne
             samples, soaked = await soak(
                 service.base, service, soak_s, concurrency or min(conversations, 100),
                 messages, sample_s, checks,
-                lambda t, rss: echo(f"  soak t={t:6.0f} s  RSS {rss:7.1f} MB"),
+                lambda t, rss, gauges: echo(
+                    f"  soak t={t:6.0f} s  RSS {rss:7.1f} MB  "
+                    + " ".join(f"{k.removeprefix('supportbot_')}={v:g}"
+                               for k, v in gauges.items())),
+                echo,
             )
         rss_end = service.rss_mb()
     finally:
