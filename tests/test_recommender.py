@@ -21,9 +21,11 @@ from core.grounding import Grounder
 from core.knowledge import KnowledgeBase
 from core.messages import Inbound, Suggestion, User
 from core.recommender import (
+    CFModel,
     CFParams,
     HybridConfig,
     HybridRecommender,
+    Interactions,
     SuggestionRequest,
     arm_of,
 )
@@ -446,6 +448,23 @@ def test_msweb_split_holds_out_one_visit_of_every_user_with_two(msweb_dir: Path)
         assert split.train.matrix[row, held[0]] == 0
 
 
+def test_validation_split_is_carved_from_the_training_part_only(msweb_dir: Path) -> None:
+    split = eval_recommender.load_msweb(msweb_dir, seed=0)
+    val = eval_recommender.validation_split(split, seed=1)
+    train, kept = split.train.matrix, val.train.matrix
+    assert val.train.users == split.train.users and val.train.items == split.train.items
+    assert kept.nnz == train.nnz - len(val.test_rows)
+    counts = np.diff(train.indptr)
+    assert len(val.test_rows) == int((counts[split.test_rows] >= 2).sum()) > 0
+    held_for_test = {int(r): int(t[0]) for r, t in zip(split.test_rows, split.test_items,
+                                                          strict=True)}
+    for row, target in zip(val.test_rows, val.test_items, strict=True):
+        col = int(target[0])
+        assert train[row, col] > 0 and kept[row, col] == 0  # a training visit, now hidden
+        assert col != held_for_test[int(row)]  # never the test hold-out
+    assert (kept - kept.multiply(train > 0)).nnz == 0  # nothing added
+
+
 def test_movielens_split_holds_out_each_users_latest_positives() -> None:
     ratings = FIXTURES / "movielens" / "ratings_fixture.csv"
     split = eval_recommender.load_movielens(ratings, 4.0, 0.2)
@@ -475,7 +494,8 @@ def test_eval_prints_the_table_for_every_model(
     # The fixture's visitors come in groups (support, downloads, Office): co-visits beat
     # popularity.
     assert float(rows["item-item"][0]) > float(rows["popularity"][0])
-    assert "hybrid = 0.7 ALS + 0.1 title content + 0.2 popularity" in out
+    assert float(rows["ease"][0]) > float(rows["popularity"][0])
+    assert "hybrid = 0.85 EASE + 0.05 title content + 0.1 popularity" in out
     assert "best: " in out and "goal >= 1.3x" in out
 
 
@@ -522,3 +542,47 @@ async def test_the_recommender_bench_runs_small_and_prints_every_figure(
                   "hybrid, cold query embedding", "hybrid, cold, 4 at once"):
         assert f"| {label}" in out
     assert "goal p99 <= 5 ms with the grounder's cached embedding:" in out
+
+
+# -- EASE ------------------------------------------------------------------------------------
+
+
+def test_ease_weights_are_the_ridge_regression_of_each_item_on_the_others() -> None:
+    rng = np.random.default_rng(0)
+    dense = (rng.random((60, 7)) < 0.35).astype(np.float32)
+    triples = [(u, str(i), 1.0) for u, i in zip(*np.nonzero(dense), strict=True)]
+    data = Interactions.build(triples, [str(i) for i in range(7)])
+    x = data.matrix.toarray().astype(np.float64)
+    model = CFModel(data, CFParams(kind="ease", ease_l2=0.3))
+    weights = model._model.similarity
+    lam = 0.3 * float((x * x).sum(axis=0).mean())
+    assert np.allclose(np.diag(weights), 0.0)
+    for j in range(7):
+        others = [c for c in range(7) if c != j]
+        a = x[:, others]
+        expected = np.linalg.solve(a.T @ a + lam * np.eye(6), a.T @ x[:, j])
+        assert np.allclose(weights[others, j], expected, atol=1e-5)
+    rows = np.arange(5)
+    batch = model.batch_scores(rows)
+    user = data.users[3]
+    positives = {data.items[c]: 1.0 for c in np.nonzero(x[3])[0]}
+    assert np.allclose(model.user_scores(user, positives), batch[3], atol=1e-6)
+
+
+def test_ease_suggests_the_partner_of_a_visited_item_and_checks_its_penalty() -> None:
+    """Visitors come in two topics, {a, b} and {c, d}, with a popular page "c" also seen by
+    some of the first; a visitor of "a" should get "b", not the more popular "c"."""
+    triples: list[tuple[str, str, float]] = []
+    for u in range(12):
+        triples += [(f"x{u}", "a", 1.0), (f"x{u}", "b", 1.0)]
+        if u < 3:
+            triples.append((f"x{u}", "c", 1.0))
+    for u in range(30):
+        triples += [(f"y{u}", "c", 1.0), (f"y{u}", "d", 1.0)]
+    data = Interactions.build(triples, ["a", "b", "c", "d"])
+    scores = CFModel(data, CFParams(kind="ease")).user_scores("new", {"a": 1.0})
+    assert scores is not None
+    index = {item: i for i, item in enumerate(data.items)}
+    assert scores[index["b"]] > scores[index["c"]] > scores[index["d"]]
+    with pytest.raises(ValueError, match="ease_l2"):
+        CFParams(kind="ease", ease_l2=0.0)
