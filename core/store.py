@@ -128,6 +128,12 @@ MIGRATIONS: Sequence[str] = (
     """
     CREATE INDEX users_display_name ON users (display_name COLLATE NOCASE);
     """,
+    # v4: recovery at start asks, for each unfinished message, whether a reply to it was
+    # sent; without this index each asks by scanning every message (1.8 s for 200 on
+    # 137,000 messages, growing with both).
+    """
+    CREATE INDEX messages_reply_to ON messages (reply_to);
+    """,
 )
 
 
