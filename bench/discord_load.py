@@ -126,7 +126,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.classifier == "model":
         s = settings.sentiment
         classifier: Any = build_classifier(
-            s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize
+            s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize,
+            runtime=s.runtime,
         )
     else:
         classifier = NeutralClassifier()

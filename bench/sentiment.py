@@ -1,15 +1,20 @@
-"""Sentiment throughput and accuracy: fp32 against int8 (``sentiment.quantize``), same run.
+"""Sentiment throughput and accuracy: torch fp32 against int8 (``sentiment.quantize``) and
+ONNX Runtime fp32 / int8 (``sentiment.runtime = "onnx"``), same run.
 
     python -m bench.sentiment [--model data/models/sentiment-minilm] [--data Tweets.csv]
+                              [--variants fp32 int8 onnx-fp32 onnx-int8] [--threads 1 0]
 
-Both variants are the service's micro-batched classifier (``core.sentiment``). Prints, for
-concurrency 1, 16 and 64 and for one torch thread and torch's default, messages/s, p50/p99
-latency and CPU ms per message of fp32 and int8 and their ratio, next to Hugging Face's
-``pipeline("text-classification")`` called once per message (the baseline). Then accuracy
-and macro-F1 of both variants on a fixed sample of the test split (the first ``--sample``
-test tweets in file order), and how many labels they share. Without a fine-tuned folder (or
-with ``--embedded``) the embedded encoder + head is measured, without the baseline.
-Messages are real test tweets, so lengths (and padding) vary as in service.
+Every variant is the service's micro-batched classifier (``core.sentiment``). Prints, for
+concurrency 1, 16 and 64 and for one intra-op thread and the library's default, messages/s,
+p50/p99 latency, CPU ms per message and the rate relative to torch fp32 of each variant,
+next to Hugging Face's ``pipeline("text-classification")`` called once per message (the
+baseline). Then accuracy, macro-F1 and negative precision / recall of every variant on a
+fixed sample of the test split (the first ``--sample`` test tweets in file order), and how
+many labels each shares with torch fp32. Without a fine-tuned folder (or with
+``--embedded``) the embedded encoder + head is measured, without the baseline and the ONNX
+variants (the ONNX runtime serves fine-tuned folders only). The ONNX files are built on
+first use and cached beside the model folder. Messages are real test tweets, so lengths
+(and padding) vary as in service.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ FALLBACK_TEXTS = (
 
 
 DEFAULT_MODEL = Path("data/models/sentiment-minilm")
-NAMES = {"none": "fp32", "int8": "int8"}
+VARIANTS = {  # name: (sentiment.runtime, sentiment.quantize)
+    "fp32": ("torch", "none"), "int8": ("torch", "int8"),
+    "onnx-fp32": ("onnx", "none"), "onnx-int8": ("onnx", "int8"),
+}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -101,16 +109,20 @@ async def main(args: argparse.Namespace) -> int:
         sample = []
     texts = [t for t, _ in sample] or list(FALLBACK_TEXTS)
 
+    names = [v for v in args.variants if model or VARIANTS[v][0] == "torch"]
+    if "fp32" not in names:
+        names.insert(0, "fp32")  # the reference for ratios and label agreement
     variants: dict[tuple[str, int], _Batched] = {}
     for threads in args.threads:
-        for mode in ("none", "int8"):
+        for name in names:
+            runtime, mode = VARIANTS[name]
             clf = build_classifier("minilm", "", model, args.max_batch, args.max_wait_ms,
-                                   quantize=mode, threads=threads)
+                                   quantize=mode, threads=threads, runtime=runtime)
             started = time.perf_counter()
             await clf.start()
-            print(f"loaded {NAMES[mode]} (threads {threads}) in "
+            print(f"loaded {name} (threads {threads}) in "
                   f"{time.perf_counter() - started:.1f} s")
-            variants[mode, threads] = clf
+            variants[name, threads] = clf
     baseline = None
     if model:
         from transformers import pipeline
@@ -127,14 +139,15 @@ async def main(args: argparse.Namespace) -> int:
     if baseline is not None:
         await drive(baseline, texts, 8, 1)
 
+    import onnxruntime
+
     what = f"fine-tuned {model}" if model else "embedded encoder + committed head"
     print(f"{what}; max_batch {args.max_batch}, max_wait {args.max_wait_ms} ms, "
           f"{args.messages} messages per level, best of {args.rounds} interleaved rounds, "
-          f"torch {torch.__version__}, torch default threads {torch.get_num_threads()} "
-          f"(threads 0 below)")
-    print(f"{'conc.':>5} {'threads':>7} | {'fp32 msg/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'CPU ms/msg':>10} | {'int8 msg/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'CPU ms/msg':>10} | {'int8/fp32':>9} | {'per-message msg/s':>17}")
+          f"torch {torch.__version__} (default threads {torch.get_num_threads()}), "
+          f"onnxruntime {onnxruntime.__version__}; threads 0: the library's default")
+    print(f"{'conc.':>5} {'threads':>7} {'variant':>9} | {'msg/s':>7} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'CPU ms/msg':>10} | {'x fp32':>6} | {'per-message msg/s':>17}")
     for concurrency in args.concurrency:
         best: dict[tuple[str, int], dict[str, float]] = {}
         for _ in range(args.rounds):
@@ -147,26 +160,27 @@ async def main(args: argparse.Namespace) -> int:
         if baseline is not None:
             c = await drive(baseline, texts, min(args.messages, 128), concurrency)
         for threads in args.threads:
-            a, b = best["none", threads], best["int8", threads]
-            print(f"{concurrency:>5} {threads:>7} | {a['rate']:>10.1f} {a['p50']:>7.1f} "
-                  f"{a['p99']:>7.1f} {a['cpu_ms']:>10.1f} | {b['rate']:>10.1f} {b['p50']:>7.1f} "
-                  f"{b['p99']:>7.1f} {b['cpu_ms']:>10.1f} | {b['rate'] / a['rate']:>9.2f} | "
-                  + (f"{c['rate']:>17.1f}" if c is not None else f"{'-':>17}"), flush=True)
+            ref = best["fp32", threads]["rate"]
+            for name in names:
+                r = best[name, threads]
+                hf_rate = f"{c['rate']:>17.1f}" if c is not None and name == "fp32" else ""
+                print(f"{concurrency:>5} {threads:>7} {name:>9} | {r['rate']:>7.1f} "
+                      f"{r['p50']:>7.1f} {r['p99']:>7.1f} {r['cpu_ms']:>10.1f} | "
+                      f"{r['rate'] / ref:>6.2f} | {hf_rate or '-':>17}", flush=True)
 
     if sample:
         gold = [label for _, label in sample]
         labels: dict[str, list[int]] = {}
-        for mode in ("none", "int8"):
-            clf = variants[mode, args.threads[0]]
+        for name in names:
+            clf = variants[name, args.threads[0]]
             results = await asyncio.gather(*(clf.classify(t) for t, _ in sample))
-            labels[mode] = [LABELS.index(r.label) for r in results]
-            s = score(gold, labels[mode])
-            print(f"{NAMES[mode]} on {len(sample)} test tweets: "
+            labels[name] = [LABELS.index(r.label) for r in results]
+            s = score(gold, labels[name])
+            same = sum(x == y for x, y in zip(labels["fp32"], labels[name], strict=True))
+            print(f"{name:>9} on {len(sample)} test tweets: "
                   f"accuracy {s.accuracy:.3f}  macro-F1 {s.macro_f1:.3f}  "
-                  f"negative P {s.negative_precision:.3f} R {s.negative_recall:.3f}")
-        same = sum(x == y for x, y in zip(labels["none"], labels["int8"], strict=True))
-        print(f"int8 and fp32 agree on {same}/{len(sample)} labels "
-              f"({same / len(sample):.1%})")
+                  f"negative P {s.negative_precision:.3f} R {s.negative_recall:.3f}  "
+                  f"labels as fp32 {same}/{len(sample)} ({same / len(sample):.1%})")
     for clf in variants.values():
         await clf.close()
     return 0
@@ -187,7 +201,9 @@ if __name__ == "__main__":
                         help="rounds per level and variant; the fastest is shown")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 0],
-                        help="torch threads of the classifier's worker (0: torch default)")
+                        help="intra-op threads of the classifier's worker (0: the default)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="runtime / quantisation variants (fp32 is always measured)")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     sys.exit(asyncio.run(main(parser.parse_args())))

@@ -137,7 +137,8 @@ class Service:
         )
         s = settings.sentiment
         self.classifier = build_classifier(
-            s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize
+            s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize,
+            runtime=s.runtime,
         )
         self.generator: Generator | None = None
         self.recommender: Recommender | None = None

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
@@ -105,8 +105,20 @@ class SentimentSettings:
     """A fine-tuned sequence-classification folder; when set it replaces encoder + head."""
     quantize: Literal["none", "int8"] = "none"
     """``int8``: dynamic int8 linear layers on the CPU (see ``bench/sentiment.py``)."""
+    runtime: Literal["torch", "onnx"] = "torch"
+    """``onnx``: run ``model`` on ONNX Runtime (with ``quantize`` applied to the ONNX
+    graph), from a file built on first start and cached beside the model folder."""
     max_batch: int = Field(default=32, gt=0)
     max_wait_ms: float = Field(default=5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _onnx_needs_model(self) -> SentimentSettings:
+        if self.runtime == "onnx" and not self.model:
+            raise ValueError(
+                "runtime = \"onnx\" needs a fine-tuned folder in 'sentiment.model' "
+                "(the embedded encoder + head runs on torch)"
+            )
+        return self
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -86,3 +86,23 @@ def test_check_config_cli_reports_bad_key(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"{path}: key 'store.path'" in result.stderr
+
+
+def test_sentiment_runtime_is_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, '[sentiment]\nmodel = "m"\nruntime = "tensorrt"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(path) in str(err.value)
+    assert "sentiment.runtime" in str(err.value) and "'onnx'" in str(err.value)
+
+    path = write(tmp_path, '[sentiment]\nruntime = "onnx"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert str(path) in str(err.value)
+    assert 'runtime = "onnx" needs a fine-tuned folder' in str(err.value)
+    assert "'sentiment.model'" in str(err.value)
+
+    path = write(tmp_path, '[sentiment]\nmodel = "m"\nruntime = "onnx"\nquantize = "int8"\n')
+    s = load_settings(path).sentiment
+    assert (s.runtime, s.quantize) == ("onnx", "int8")
+    assert load_settings(write(tmp_path, "")).sentiment.runtime == "torch"

@@ -1,4 +1,5 @@
-"""The int8 path (``sentiment.quantize``), the dev-fitted logit bias, and micro-batching.
+"""The int8 path (``sentiment.quantize``), the ONNX Runtime path (``sentiment.runtime``),
+the dev-fitted logit bias, and micro-batching.
 
 Real MiniLM everywhere: the committed head for the embedded path, and a small model
 fine-tuned here on the hand-written fixture for the fine-tuned path.
@@ -23,6 +24,7 @@ from core.sentiment import (
     FineTunedClassifier,
     _Batched,
     build_classifier,
+    onnx_cache_path,
 )
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tweets_small.csv"
@@ -94,6 +96,63 @@ async def test_int8_finetuned_labels_match_fp32(tuned_folder: Path) -> None:
     finally:
         await fp32.close()
         await int8.close()
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+async def test_onnx_finetuned_labels_match_torch(tuned_folder: Path, quantize: str) -> None:
+    """The ONNX file is built from the folder on first start, cached beside it (the folder
+    is left alone), reused on the next start, and gives torch fp32's labels."""
+    before = _names(tuned_folder)
+    torch_fp32 = build_classifier("minilm", "", str(tuned_folder), 32, 2.0)
+    ort = build_classifier("minilm", "", str(tuned_folder), 32, 2.0, quantize=quantize,
+                           runtime="onnx")
+    await asyncio.gather(torch_fp32.start(), ort.start())
+    try:
+        assert isinstance(ort, FineTunedClassifier) and ort.runtime == "onnx"
+        path = ort.onnx_path
+        assert path is not None and path.is_file()
+        assert path == onnx_cache_path(tuned_folder, quantize)
+        assert path.parent == tuned_folder.parent / f"{tuned_folder.name}.onnx"
+        assert _names(tuned_folder) == before
+        texts = list(CLEAR_TEXTS)
+        a = await asyncio.gather(*(torch_fp32.classify(t) for t in texts))
+        b = await asyncio.gather(*(ort.classify(t) for t in texts))
+        assert [s.label for s in b] == [s.label for s in a]
+        assert sum(s.label == want for s, want in zip(a, CLEAR_TEXTS.values(), strict=True)) >= 5
+        diffs = [abs(x.negative - y.negative) for x, y in zip(a, b, strict=True)]
+        if quantize == "none":
+            assert max(diffs) < 1e-4  # the same float model, logit bias included
+        else:
+            assert 0 < max(diffs) < 0.1
+    finally:
+        await torch_fp32.close()
+        await ort.close()
+    mtime = path.stat().st_mtime_ns
+    again = FineTunedClassifier(tuned_folder, quantize=quantize, runtime="onnx")
+    again._load()
+    assert again.onnx_path == path and path.stat().st_mtime_ns == mtime
+    assert [s.label for s in again.classify_many(texts)] == [s.label for s in a]
+
+
+def test_onnx_cache_follows_the_folder(tuned_folder: Path, tmp_path: Path) -> None:
+    copy = _with_bias(tuned_folder, tmp_path / "copy", [0.0, 0.0, 0.0])
+    assert onnx_cache_path(copy, "int8") != onnx_cache_path(tuned_folder, "int8")
+    assert onnx_cache_path(copy, "int8") != onnx_cache_path(copy, "none")
+    assert onnx_cache_path(copy, "int8") == onnx_cache_path(copy, "int8")
+
+
+def test_unknown_runtime_names_the_setting() -> None:
+    with pytest.raises(ValueError, match=r"^sentiment\.runtime must be one of torch, onnx, "
+                                         r"not 'tensorrt'$"):
+        build_classifier("minilm", "", "some/folder", 32, 5.0, runtime="tensorrt")
+    with pytest.raises(ValueError, match=r"^sentiment\.runtime must be one of"):
+        build_classifier("minilm", "", "", 32, 5.0, runtime="tensorrt")
+    with pytest.raises(ValueError, match=r"needs a fine-tuned folder in sentiment\.model"):
+        build_classifier("minilm", "", "", 32, 5.0, runtime="onnx")
 
 
 def _with_bias(src: Path, dst: Path, bias: object) -> Path:
@@ -175,3 +234,15 @@ async def test_worker_runs_on_one_thread_without_changing_the_process() -> None:
         assert fresh_thread_count() == default == 2
     finally:
         await clf.close()
+
+
+def test_the_service_runs_the_configured_runtime(tmp_path: Path) -> None:
+    """``[sentiment] runtime`` reaches the service's classifier (it was read but unused)."""
+    from bots.service import Service
+    from tests.conftest import make_settings
+
+    service = Service(make_settings(
+        tmp_path, sentiment={"model": str(tmp_path / "tuned"), "runtime": "onnx",
+                             "quantize": "int8"}))
+    assert isinstance(service.classifier, FineTunedClassifier)
+    assert (service.classifier.runtime, service.classifier.quantize) == ("onnx", "int8")
