@@ -9,7 +9,9 @@ length-bucketed dynamic padding, a thread count and a time budget.
 The defaults are the recipe behind ``data/models/sentiment-minilm``: 4 epochs at lr 8e-5,
 best dev checkpoint, then the logit bias fitted on dev. ``--init FOLDER`` continues from a
 fine-tuned folder (whose own dev score is the checkpoint to beat); with ``--epochs 0`` it
-only refits the dev threshold and bias. Everything is chosen on dev; test is only reported.
+only refits the dev threshold and bias. ``--soup A B ...`` averages the weights of folders
+fine-tuned from the same MiniLM (a "model soup": one model, the cost of one at run time)
+and refits the dev corrections. Everything is chosen on dev; test is only reported.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import argparse
 import copy
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,6 +169,7 @@ def finetune(
     cfg: TrainConfig,
     base: Path | None = None,
     log: Callable[[str], None] = print,
+    origin: str | None = None,
 ) -> FineTuneResult:
     """Train, keep the best dev macro-F1 checkpoint, fit threshold and bias on dev, save.
 
@@ -290,7 +294,7 @@ def finetune(
         negative_threshold=threshold, logit_bias=bias, dev_bias=dev_bias, test_bias=test_bias,
         steps=step, epochs_done=step / steps_per_epoch,
         best_step=best_step, minutes=minutes, stopped_by=stopped_by,
-        start=str(base) if continuing else "sentence-transformers/all-MiniLM-L6-v2",
+        start=origin or (str(base) if continuing else "sentence-transformers/all-MiniLM-L6-v2"),
         bias_fitted=fitted is not None,
     )
     model.config.negative_threshold = round(threshold, 4)
@@ -303,6 +307,40 @@ def finetune(
     tokenizer.save_pretrained(str(out))
     (out / "README.md").write_text(model_card(result, cfg, len(train_set), len(dev_set)))
     return result
+
+
+WEIGHTS = "model.safetensors"
+
+
+def make_soup(folders: Sequence[Path], out: Path) -> None:
+    """Write the uniform average of ``folders``' weights to ``out`` with the first one's
+    config and tokenizer (Wortsman et al., 2022: fine-tunes of one pre-trained model sit
+    in one basin, so their average is usually better than either and costs nothing more
+    to run). A folder that is not a fine-tune of the same shape is named."""
+    from safetensors.torch import load_file, save_file
+
+    if len(folders) < 2:
+        raise DataError("--soup needs at least two fine-tuned folders")
+    states = []
+    for folder in folders:
+        if not (folder / WEIGHTS).is_file() or not (folder / "config.json").is_file():
+            raise DataError(f"--soup {folder}: not a fine-tuned model folder "
+                            f"(no {WEIGHTS} or config.json)")
+        states.append(load_file(str(folder / WEIGHTS)))
+    first = states[0]
+    for folder, state in zip(folders[1:], states[1:], strict=True):
+        if state.keys() != first.keys() or any(
+                state[k].shape != first[k].shape for k in first):
+            raise DataError(f"--soup {folder}: its weights do not match {folders[0]}'s "
+                            "(a different architecture or label set)")
+    averaged = {k: (sum(st[k].double() for st in states) / len(states)).to(first[k].dtype)
+                for k in first}
+    out.mkdir(parents=True, exist_ok=True)
+    for item in folders[0].iterdir():
+        if item.is_file() and item.name not in (WEIGHTS, "README.md"):
+            shutil.copyfile(item, out / item.name)
+    save_file({k: v.contiguous() for k, v in averaged.items()}, str(out / WEIGHTS),
+              metadata={"format": "pt"})
 
 
 def _row(name: str, s: Scores | None) -> str:
@@ -383,6 +421,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=d.threads, help="torch threads")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this fine-tuned folder instead of the base MiniLM")
+    parser.add_argument("--soup", type=Path, nargs="+", default=None, metavar="FOLDER",
+                        help="average these fine-tuned folders' weights into --out and refit "
+                             "the dev corrections (no training)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -392,10 +433,18 @@ def run(args: argparse.Namespace) -> int:
         patience=args.patience, max_minutes=args.max_minutes,
         class_weights=not args.no_class_weights, seed=args.seed, threads=args.threads,
     )
+    base, origin = args.init, None
     try:
         data = load(args.data)
+        if args.soup:
+            if args.init is not None:
+                raise DataError("--soup and --init exclude each other: the soup is the start")
+            make_soup(args.soup, args.out)
+            print(f"soup of {', '.join(map(str, args.soup))} -> {args.out}", flush=True)
+            base, cfg = args.out, replace(cfg, epochs=0.0)
+            origin = f"the weight average of {', '.join(map(str, args.soup))}"
         result = finetune(data.split("train"), data.split("dev"), data.split("test"),
-                          args.out, cfg, base=args.init,
+                          args.out, cfg, base=base, origin=origin,
                           log=lambda line: print(line, flush=True))
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)

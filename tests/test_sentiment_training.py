@@ -283,6 +283,38 @@ def test_epochs_zero_refits_an_existing_folder_only(
     assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
 
 
+def test_soup_averages_two_fine_tunes_and_refits_on_dev(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    from finetune import sentiment
+
+    folders = []
+    for seed in (1, 2):
+        folder = tmp_path / f"seed{seed}"
+        assert sentiment.run(_args(sentiment, "--data", str(FIXTURE), "--out", str(folder),
+                                   "--epochs", "1", "--batch-size", "16", "--lr", "1e-4",
+                                   "--seed", str(seed))) == 0
+        folders.append(folder)
+    soup = tmp_path / "soup"
+    assert sentiment.run(_args(sentiment, "--data", str(FIXTURE), "--out", str(soup),
+                               "--soup", *map(str, folders))) == 0
+    printed = capsys.readouterr().out
+    assert f"saved {soup} after 0 steps" in printed and "test (logit bias)" in printed
+    a, b, c = (load_file(str(f / "model.safetensors")) for f in (*folders, soup))
+    name = "classifier.weight"
+    assert not np.allclose(a[name].numpy(), b[name].numpy())  # the seeds differ
+    assert np.allclose(c[name].numpy(), (a[name].numpy() + b[name].numpy()) / 2, atol=1e-6)
+    assert "Training from the weight average of" in (soup / "README.md").read_text()
+    probs = sentiment.FineTuned(soup).probabilities(["@user thanks!", "@user my bag is lost"])
+    assert probs.shape == (2, 3)
+
+    assert sentiment.run(_args(sentiment, "--data", str(FIXTURE), "--out", str(tmp_path / "x"),
+                               "--soup", str(folders[0]), str(tmp_path))) == 2
+    assert f"--soup {tmp_path}: not a fine-tuned model folder" in capsys.readouterr().err
+
+
 def test_logit_bias_that_cannot_keep_the_limits_is_reported_not_faked() -> None:
     # Every dev tweet is negative but the model calls half of them positive: no bias on the
     # grid keeps negative recall >= 0.90 at precision >= 0.85 without the gold labels.
