@@ -127,7 +127,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         s = settings.sentiment
         classifier: Any = build_classifier(
             s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize,
-            runtime=s.runtime,
+            runtime=s.runtime, threads=s.threads,
         )
     else:
         classifier = NeutralClassifier()

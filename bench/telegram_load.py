@@ -140,7 +140,7 @@ async def build_models(settings: Settings, generator: str, sentiment: str,
         s = settings.sentiment
         classifier: Any = build_classifier(
             s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize,
-            runtime=s.runtime,
+            runtime=s.runtime, threads=s.threads,
         )
     else:
         classifier = NeutralClassifier()

@@ -138,7 +138,7 @@ class Service:
         s = settings.sentiment
         self.classifier = build_classifier(
             s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize,
-            runtime=s.runtime,
+            runtime=s.runtime, threads=s.threads,
         )
         self.generator: Generator | None = None
         self.recommender: Recommender | None = None

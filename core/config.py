@@ -108,6 +108,10 @@ class SentimentSettings:
     runtime: Literal["torch", "onnx"] = "torch"
     """``onnx``: run ``model`` on ONNX Runtime (with ``quantize`` applied to the ONNX
     graph), from a file built on first start and cached beside the model folder."""
+    threads: int = Field(default=1, ge=0)
+    """Intra-op threads of the classifier's worker (0: the library's default, one per
+    core). 1 leaves the other core to generation; a box that mostly classifies gains from
+    more with ``runtime = "onnx"`` (see ``bench/sentiment.py``)."""
     max_batch: int = Field(default=32, gt=0)
     max_wait_ms: float = Field(default=5.0, ge=0)
 

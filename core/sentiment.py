@@ -127,6 +127,10 @@ class _Batched:
     def runtime(self) -> str:
         return self._runtime
 
+    @property
+    def threads(self) -> int:
+        return self._threads
+
     def _predict(self, texts: Sequence[str]) -> list[Scores]:
         raise NotImplementedError
 

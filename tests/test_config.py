@@ -106,3 +106,9 @@ def test_sentiment_runtime_is_validated(tmp_path: Path) -> None:
     s = load_settings(path).sentiment
     assert (s.runtime, s.quantize) == ("onnx", "int8")
     assert load_settings(write(tmp_path, "")).sentiment.runtime == "torch"
+
+
+def test_sentiment_threads_must_not_be_negative(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(write(tmp_path, "[sentiment]\nthreads = -1\n"))
+    assert "sentiment.threads" in str(err.value) and "config.toml" in str(err.value)

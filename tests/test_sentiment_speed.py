@@ -243,6 +243,7 @@ def test_the_service_runs_the_configured_runtime(tmp_path: Path) -> None:
 
     service = Service(make_settings(
         tmp_path, sentiment={"model": str(tmp_path / "tuned"), "runtime": "onnx",
-                             "quantize": "int8"}))
+                             "quantize": "int8", "threads": 2}))
     assert isinstance(service.classifier, FineTunedClassifier)
     assert (service.classifier.runtime, service.classifier.quantize) == ("onnx", "int8")
+    assert service.classifier.threads == 2
