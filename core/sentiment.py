@@ -348,14 +348,15 @@ def _onnx_session(path: Path, threads: int) -> Any:
 class FineTunedClassifier(_Batched):
     """A sequence-classification folder written by ``supportbot finetune sentiment``.
 
-    ``logit_bias`` in its config.json (fitted on the dev split) is added to the logits,
+    ``logit_scale`` and ``logit_bias`` in its config.json (fitted on the dev split)
+    multiply and then shift the logits,
     so the probabilities and labels are the ones its model card reports. With
     ``runtime="onnx"`` the forward pass runs on ONNX Runtime from a file built from the
     folder on first start (:func:`build_onnx`, cached at :func:`onnx_cache_path`).
     """
 
-    __slots__ = ("_logit_bias", "_max_length", "_model", "_onnx_inputs", "_onnx_path", "_order",
-                 "_path", "_session", "_tokenizer")
+    __slots__ = ("_logit_bias", "_logit_scale", "_max_length", "_model", "_onnx_inputs",
+                 "_onnx_path", "_order", "_path", "_session", "_tokenizer")
 
     def __init__(
         self, path: str | Path, *, max_batch: int = 32, max_wait_ms: float = 5.0,
@@ -370,7 +371,13 @@ class FineTunedClassifier(_Batched):
         self._tokenizer: Any = None
         self._order: list[int] = []
         self._logit_bias: Any = None
+        self._logit_scale = 1.0
         self._max_length = 128
+
+    @property
+    def logit_scale(self) -> float:
+        """The dev-fitted temperature correction: logits are multiplied by it first."""
+        return self._logit_scale
 
     @property
     def logit_bias(self) -> tuple[float, ...]:
@@ -430,6 +437,11 @@ class FineTunedClassifier(_Batched):
             raise ValueError(
                 f"{config_file}: id2label must name {LABELS}, has {json.dumps(id2label)}"
             ) from None
+        scale = getattr(config, "logit_scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+            raise ValueError(f"{config_file}: logit_scale must be a positive number, "
+                             f"not {scale!r}")
+        self._logit_scale = float(scale)
         bias = getattr(config, "logit_bias", None)
         if bias is not None:
             if (not isinstance(bias, list) or len(bias) != len(id2label)
@@ -462,7 +474,7 @@ class FineTunedClassifier(_Batched):
                     [texts[i] for i in idx], padding=True, truncation=True,
                     max_length=self._max_length, return_tensors="pt",
                 )
-                logits = self._model(**batch).logits
+                logits = self._model(**batch).logits * self._logit_scale
                 if self._logit_bias is not None:
                     logits = logits + self._logit_bias
                 rows = torch.softmax(logits, dim=-1)[:, self._order].tolist()
@@ -471,7 +483,7 @@ class FineTunedClassifier(_Batched):
         return [_scores(p) for p in probs]
 
     def _predict_onnx(self, texts: Sequence[str]) -> list[Scores]:
-        """:meth:`_predict` on ONNX Runtime: the same sub-batches, bias and softmax."""
+        """:meth:`_predict` on ONNX Runtime: the same sub-batches, scale, bias and softmax."""
         import numpy as np
 
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -488,7 +500,7 @@ class FineTunedClassifier(_Batched):
                 if value is None:  # a tokenizer without token types: all segment 0
                     value = np.zeros_like(batch["input_ids"])
                 feed[name] = value.astype(dtype, copy=False)
-            logits = self._session.run(None, feed)[0]
+            logits = self._session.run(None, feed)[0] * np.float32(self._logit_scale)
             if self._logit_bias is not None:
                 logits = logits + self._logit_bias
             logits = logits - logits.max(axis=-1, keepdims=True)

@@ -39,8 +39,10 @@ from finetune.sentiment_data import (
     Example,
     Scores,
     apply_logit_bias,
+    apply_logit_scale,
     decide,
     fit_logit_bias,
+    fit_logit_scale,
     load,
     score,
     tune_negative_threshold,
@@ -74,7 +76,8 @@ class TrainConfig:
 class FineTuned:
     """A fine-tuned folder as a classifier: probabilities and thresholded labels."""
 
-    __slots__ = ("_model", "_tokenizer", "logit_bias", "negative_threshold", "path")
+    __slots__ = ("_model", "_tokenizer", "logit_bias", "logit_scale", "negative_threshold",
+                 "path")
 
     def __init__(self, path: str | Path) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -92,10 +95,15 @@ class FineTuned:
         self.negative_threshold = float(raw) if raw is not None else None
         bias = getattr(self._model.config, "logit_bias", None)
         self.logit_bias = tuple(float(b) for b in bias) if bias is not None else None
+        self.logit_scale = float(getattr(self._model.config, "logit_scale", 1.0))
 
     def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """The model's own probabilities, before any dev-fitted correction."""
-        return _probabilities(self._model, self._tokenizer, texts, batch_size)
+        """The model's probabilities with its dev-fitted logit scale (temperature), before
+        the threshold or the bias."""
+        raw = _probabilities(self._model, self._tokenizer, texts, batch_size)
+        if self.logit_scale == 1.0:
+            return raw
+        return np.asarray(apply_logit_scale(raw.tolist(), self.logit_scale))
 
     def predict(self, texts: Sequence[str], use_threshold: bool = True) -> list[int]:
         threshold = self.negative_threshold if use_threshold else None
@@ -152,6 +160,7 @@ class FineTuneResult:
     dev_bias: Scores
     test_bias: Scores | None
     bias_fitted: bool
+    logit_scale: float
     steps: int
     epochs_done: float
     best_step: int
@@ -273,6 +282,9 @@ def finetune(
     model.load_state_dict(best_state)
     model.eval()
     dev_probs = _probabilities(model, tokenizer, dev_texts, 64).tolist()
+    scale = fit_logit_scale(dev_gold, dev_probs)
+    dev_probs = apply_logit_scale(dev_probs, scale)
+    log(f"dev-fitted logit scale {scale}")
     threshold = tune_negative_threshold(dev_gold, dev_probs)
     dev_scores = score(dev_gold, decide(dev_probs, threshold))
     fitted = fit_logit_bias(dev_gold, dev_probs)
@@ -284,7 +296,8 @@ def finetune(
     log(f"dev-fitted logit bias {bias}: dev macro-F1 {dev_bias.macro_f1:.4f}")
     test_scores = test_argmax = test_bias = None
     if test_set:
-        test_probs = _probabilities(model, tokenizer, [e.text for e in test_set], 64).tolist()
+        test_probs = apply_logit_scale(
+            _probabilities(model, tokenizer, [e.text for e in test_set], 64).tolist(), scale)
         test_gold = [e.label for e in test_set]
         test_scores = score(test_gold, decide(test_probs, threshold))
         test_argmax = score(test_gold, decide(test_probs, None))
@@ -295,10 +308,11 @@ def finetune(
         steps=step, epochs_done=step / steps_per_epoch,
         best_step=best_step, minutes=minutes, stopped_by=stopped_by,
         start=origin or (str(base) if continuing else "sentence-transformers/all-MiniLM-L6-v2"),
-        bias_fitted=fitted is not None,
+        bias_fitted=fitted is not None, logit_scale=scale,
     )
     model.config.negative_threshold = round(threshold, 4)
     model.config.logit_bias = list(bias)
+    model.config.logit_scale = scale
     model.config.text_normalization = NORMALIZATION
     model.config.max_seq_length = MAX_LENGTH
     out.mkdir(parents=True, exist_ok=True)
@@ -379,6 +393,11 @@ all-MiniLM-L6-v2 fine-tuned end to end (BertForSequenceClassification, labels
 best macro-F1 keeping negative recall >= 0.90; a text is negative when P(negative) is at
 least that, otherwise the larger of neutral and positive.
 
+`config.json` holds `logit_scale` = {r.logit_scale} too: the logits are multiplied by it
+first (temperature scaling fitted on dev for the lowest log-loss), so the probabilities
+that thresholds such as escalation read are calibrated; the threshold and bias below are
+fitted after it.
+
 `config.json` also holds `logit_bias` = {list(r.logit_bias)} (one per label, added to the
 logits): a prior correction fitted on dev for the best macro-F1 keeping negative recall
 >= 0.90 and precision >= 0.85{bias_note}. The service
@@ -452,7 +471,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"saved {args.out} after {result.steps} steps ({result.epochs_done:.2f} epochs, "
           f"{result.minutes:.1f} min, stopped by {result.stopped_by}); "
           f"P(negative) threshold {result.negative_threshold:.4f}")
-    print(f"dev-fitted logit bias {list(result.logit_bias)}")
+    print(f"dev-fitted logit scale {result.logit_scale}, logit bias {list(result.logit_bias)}")
     for name, s in (("dev", result.dev), ("test (argmax)", result.test_argmax),
                     ("test", result.test), ("dev (logit bias)", result.dev_bias),
                     ("test (logit bias)", result.test_bias)):

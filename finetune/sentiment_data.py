@@ -243,16 +243,57 @@ BIAS_GRID = tuple(round(-2.0 + 0.05 * i, 2) for i in range(81))
 
 
 def apply_logit_bias(
-    probabilities: Sequence[Sequence[float]], bias: Sequence[float]
+    probabilities: Sequence[Sequence[float]], bias: Sequence[float], already_log: bool = False
 ) -> list[list[float]]:
     """Prior correction: softmax(log p + bias), the same as adding ``bias`` to the logits."""
     import numpy as np
 
-    logp = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0))
+    logp = (np.asarray(probabilities, dtype=np.float64) if already_log
+            else np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)))
     z = logp + np.asarray(bias, dtype=np.float64)
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=1, keepdims=True)).tolist()
+
+
+SCALE_GRID = tuple(round(0.25 + 0.05 * i, 2) for i in range(116))
+"""Candidate logit scales (inverse temperatures) from 0.25 to 6.0."""
+
+
+def apply_logit_scale(
+    probabilities: Sequence[Sequence[float]], scale: float
+) -> list[list[float]]:
+    """softmax(scale * log p): the same as multiplying the logits by ``scale``."""
+    return apply_logit_bias(
+        [[v * scale for v in row] for row in _log(probabilities)], [0.0] * len(LABELS),
+        already_log=True,
+    )
+
+
+def _log(probabilities: Sequence[Sequence[float]]) -> list[list[float]]:
+    import numpy as np
+
+    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)).tolist()
+
+
+def fit_logit_scale(gold: Sequence[int], probabilities: Sequence[Sequence[float]]) -> float:
+    """The logit scale with the lowest negative log-likelihood on ``gold`` (temperature
+    scaling, Guo et al. 2017; fitted on dev). Labels by argmax do not change; the
+    probabilities become honest, which matters where a threshold reads them (escalation).
+    A weight-averaged model's logits shrink, so its raw probabilities are too flat."""
+    import numpy as np
+
+    g = np.asarray(gold, dtype=np.int64)
+    logp = np.asarray(_log(probabilities))
+    best_scale, best_nll = 1.0, float("inf")
+    for scale in SCALE_GRID:
+        z = logp * scale
+        z -= z.max(axis=1, keepdims=True)
+        log_norm = np.log(np.exp(z).sum(axis=1))
+        nll = float(np.mean(log_norm - z[np.arange(len(g)), g]))
+        if nll < best_nll - 1e-12:
+            best_scale, best_nll = scale, nll
+    return best_scale
 
 
 def fit_logit_bias(

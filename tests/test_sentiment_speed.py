@@ -190,6 +190,44 @@ def test_logit_bias_is_loaded_and_applied(tuned_folder: Path, tmp_path: Path) ->
     )
 
 
+def _with_scale(src: Path, dst: Path, scale: object) -> Path:
+    _with_bias(src, dst, None)
+    config = json.loads((dst / "config.json").read_text())
+    config["logit_scale"] = scale
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_logit_scale_sharpens_the_probabilities_not_the_labels(
+    tuned_folder: Path, tmp_path: Path, runtime: str,
+) -> None:
+    """A weight-averaged model needs its logits scaled back up, or P(negative) never
+    reaches the escalation threshold; both runtimes apply the scale the same way."""
+    one = _with_scale(tuned_folder, tmp_path / "one", 1.0)
+    sharp = _with_scale(tuned_folder, tmp_path / "sharp", 2.5)
+    a = FineTunedClassifier(one, runtime=runtime)
+    b = FineTunedClassifier(sharp, runtime=runtime)
+    a._load()
+    b._load()
+    assert (a.logit_scale, b.logit_scale) == (1.0, 2.5)
+    texts = list(CLEAR_TEXTS)
+    sa, sb = a.classify_many(texts), b.classify_many(texts)
+    pa = np.array([[s.negative, s.neutral, s.positive] for s in sa])
+    pb = np.array([[s.negative, s.neutral, s.positive] for s in sb])
+    expected = pa ** 2.5
+    expected /= expected.sum(axis=1, keepdims=True)
+    assert np.allclose(pb, expected, atol=1e-3)
+    assert [s.label for s in sb] == [s.label for s in sa]
+    assert pb.max(axis=1).mean() > pa.max(axis=1).mean()
+
+
+def test_bad_logit_scale_names_file_and_key(tuned_folder: Path, tmp_path: Path) -> None:
+    bad = _with_scale(tuned_folder, tmp_path / "bad", -1)
+    with pytest.raises(ValueError, match=rf"^{bad / 'config.json'}: logit_scale must be a "):
+        FineTunedClassifier(bad)._load()
+
+
 def test_bad_logit_bias_names_file_and_key(tuned_folder: Path, tmp_path: Path) -> None:
     bad = _with_bias(tuned_folder, tmp_path / "bad", [0.0, "high"])
     with pytest.raises(ValueError, match=rf"^{bad / 'config.json'}: logit_bias must be a list"):

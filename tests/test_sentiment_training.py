@@ -23,6 +23,7 @@ from finetune.sentiment_data import (
     Example,
     decide,
     fit_logit_bias,
+    fit_logit_scale,
     load,
     normalize,
     score,
@@ -313,6 +314,22 @@ def test_soup_averages_two_fine_tunes_and_refits_on_dev(
     assert sentiment.run(_args(sentiment, "--data", str(FIXTURE), "--out", str(tmp_path / "x"),
                                "--soup", str(folders[0]), str(tmp_path))) == 2
     assert f"--soup {tmp_path}: not a fine-tuned model folder" in capsys.readouterr().err
+
+
+def test_logit_scale_recovers_the_temperature_of_flattened_probabilities() -> None:
+    """Labels drawn from softmax(2 * z), probabilities given as softmax(z): the fitted
+    scale is about 2, and already honest probabilities keep about 1."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4000, 3)) * 1.5
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    true = softmax(2.0 * z)
+    gold = [int(rng.choice(3, p=row)) for row in true]
+    assert abs(fit_logit_scale(gold, softmax(z).tolist()) - 2.0) <= 0.2
+    assert abs(fit_logit_scale(gold, true.tolist()) - 1.0) <= 0.1
 
 
 def test_logit_bias_that_cannot_keep_the_limits_is_reported_not_faked() -> None:
