@@ -306,7 +306,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distinct", type=int, default=200,
                         help="distinct question texts in the warm variants")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--model", choices=("als", "bpr", "item-item"), default="als")
+    parser.add_argument("--model", choices=("als", "bpr", "item-item", "ease"), default="als")
     parser.add_argument("--threads", type=int, default=1, help="training threads")
     parser.add_argument("-k", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)

@@ -157,7 +157,7 @@ class RecommenderSettings:
     max_suggestions: int = Field(default=3, ge=0)
     knowledge_dir: str = "knowledge"
     """The help articles, shared by suggestions and grounded answers."""
-    model: Literal["als", "bpr", "item-item"] = "als"
+    model: Literal["als", "bpr", "item-item", "ease"] = "als"
     factors: int = Field(default=64, gt=0)
     iterations: int = Field(default=15, gt=0)
     regularization: float = Field(default=0.013, ge=0)

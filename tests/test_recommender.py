@@ -393,22 +393,23 @@ async def test_describe_gives_the_article_behind_a_suggestion_id(make) -> None:
     assert recommender.describe("no-such-article") is None
 
 
+@pytest.mark.parametrize("kind", ["item-item", "ease"])
 async def test_the_service_builds_the_recommender_from_its_config(
-    tmp_path: Path, store: SQLiteStore, customers: Customers
+    tmp_path: Path, store: SQLiteStore, customers: Customers, kind: str
 ) -> None:
     settings = make_settings(
         tmp_path,
         service={"data_dir": str(tmp_path / "data")},
-        recommender={"knowledge_dir": str(KB), "model": "item-item", "exploration": 0.0,
+        recommender={"knowledge_dir": str(KB), "model": kind, "exploration": 0.0,
                      "retrain_after_events": 1},
     )
     await customers.load(FIXTURES / "clicks.csv")
     recommender = await build_default_recommender(settings, store)
     try:
-        assert recommender.config.cf.kind == "item-item"
+        assert recommender.config.cf.kind == kind
         assert list((tmp_path / "data" / "cache").glob("passages-*.npy"))
         model = await wait_for(lambda: recommender.model, timeout=20)
-        assert model.kind == "item-item" and "delivery-times" in model.items
+        assert model.kind == kind and "delivery-times" in model.items
         hana = await customers.get("hana")
         shown = await recommender.suggest(request(hana, "How long does shipping take?"), 3)
         assert shown[0].id == "delivery-times"
