@@ -67,6 +67,9 @@ T = TypeVar("T")
 _FENCE = "```"
 _FENCE_RUN = re.compile("```")
 _FENCE_LANG = re.compile(r"([A-Za-z0-9_+#.-]{1,16})\n")
+MIN_SPLIT_LIMIT = len(_FENCE) + 16 + 1 + len("\n" + _FENCE) + 1
+"""The smallest limit :func:`split_message` can keep: a reopened fence with the longest
+language tag, its newline, the closing fence and one character of text."""
 _PAIRED_MARKERS = ("**", "__", "~~", "||")
 _TICKET_IN_NAME = re.compile(r"^#(\d+)\b")
 _LINKABLE = re.compile(r"https?://[^\s<>]+")
@@ -155,6 +158,10 @@ def split_message(text: str, limit: int = MAX_MESSAGE) -> list[str]:
     language) at the start of the next, so both render as code; every message closes the
     blocks it opens.
     """
+    if limit < MIN_SPLIT_LIMIT:
+        raise ValueError(f"split_message needs a limit of at least {MIN_SPLIT_LIMIT}, "
+                         f"not {limit}: a reopened code block alone takes up to "
+                         f"{MIN_SPLIT_LIMIT - 1} characters")
     text = text.strip()
     chunks: list[str] = []
     fence: str | None = None

@@ -496,7 +496,8 @@ async def main(args: argparse.Namespace) -> None:
         settings = bench_settings(args.config, workdir, args.max_new_tokens, args.threads)
         load_before = os.getloadavg()[0]
         s = settings.sentiment
-        classifier = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms)
+        classifier = build_classifier(s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms,
+                                  quantize=s.quantize, runtime=s.runtime, threads=s.threads)
         load_started = time.perf_counter()
         # One load at a time, as the service does: transformers' loading is not thread-safe.
         generator = await build_generator(settings)

@@ -125,8 +125,8 @@ class CFParams:
     """Item-item only: similar items kept per item."""
     ease_l2: float = 0.5
     """EASE ridge penalty as a multiple of the mean item count (the Gram matrix's mean
-    diagonal), so one setting suits a small click log and msweb alike; 0.5 (about 100 on
-    msweb) was chosen on the msweb validation hold-out carved from the training visits."""
+    diagonal), so one setting suits a small click log and msweb alike; 0.5 was chosen on the
+    msweb validation hold-out carved from the training visits."""
     threads: int = 1
     """Training threads; 1 leaves the other core to the chat models."""
     seed: int = 0
@@ -315,7 +315,8 @@ class EASE:
 
 
 def _fit(matrix: sparse.csr_matrix, params: CFParams) -> Any:
-    """Fit an ``implicit`` model on CPU; BLAS is held to one thread (implicit's advice)."""
+    """Fit an ``implicit`` model, or EASE, on CPU; BLAS is held to one thread (implicit's
+    advice; EASE's one dense inverse is small for a help catalog)."""
     from implicit.cpu.als import AlternatingLeastSquares
     from implicit.cpu.bpr import BayesianPersonalizedRanking
     from implicit.nearest_neighbours import ItemItemRecommender

@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -47,7 +49,7 @@ def _scores(probs: Sequence[float]) -> Scores:
 
 QUANTIZE_MODES = ("none", "int8")
 RUNTIMES = ("torch", "onnx")
-ONNX_FORMAT = 2
+ONNX_FORMAT = 3
 """Bump when :func:`build_onnx` changes what it writes: cached files of older formats
 are then rebuilt."""
 SUB_BATCH = 32
@@ -111,7 +113,8 @@ class _Batched:
                 f"sentiment.runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}"
             )
         if threads < 0:
-            raise ValueError(f"sentiment threads must be >= 0 (0: torch default), not {threads}")
+            raise ValueError(f"sentiment threads must be >= 0 (0: the library's default), "
+                             f"not {threads}")
         self._max_batch = max_batch
         self._max_wait_s = max_wait_ms / 1000
         self._quantize = quantize
@@ -218,7 +221,9 @@ ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 def onnx_cache_path(folder: Path, quantize: str) -> Path:
     """Where :func:`build_onnx` puts a folder's ONNX file: beside the folder (the folder
     itself is left as training wrote it), named by a key of everything the file depends
-    on, so retraining or upgrading torch / onnxruntime builds a fresh one."""
+    on, so retraining or upgrading torch / onnxruntime builds a fresh one. The whole
+    config.json is in the key, so refitting only the scale or bias (applied outside the
+    graph) also rebuilds: a slower start, never a stale file."""
     import onnxruntime
     import torch
 
@@ -265,7 +270,16 @@ def build_onnx(folder: Path, out: Path, quantize: str) -> None:
                       padding=True, return_tensors="pt")
     probe.setdefault("token_type_ids", torch.zeros_like(probe["input_ids"]))
     args = tuple(probe[name] for name in ONNX_INPUTS)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe_file = out.parent / f".writable-{os.getpid()}"
+        probe_file.touch()
+        probe_file.unlink()
+    except OSError as exc:
+        raise RuntimeError(
+            f"sentiment.runtime = \"onnx\": cannot write the ONNX cache {out.parent} beside "
+            f"sentiment.model {folder} ({exc.strerror or exc}); make that folder writable"
+        ) from exc
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
         exported, fused, final = (Path(tmp) / n for n in ("export.onnx", "fused.onnx", "final"))
         with warnings.catch_warnings(), torch.no_grad():
@@ -297,11 +311,15 @@ def build_onnx(folder: Path, out: Path, quantize: str) -> None:
                 nodes_to_exclude=keep,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
+            _check_kept_float(final, keep)
         else:
             os.replace(fused, final)
         os.replace(final, out)  # atomic: a concurrent start sees the whole file or none
+    # Older builds go; one written in the last 10 minutes may be another process's (other
+    # library versions) that it is about to open.
+    recent = time.time() - 600
     for stale in out.parent.glob(f"{quantize}-*.onnx"):
-        if stale != out:
+        if stale != out and stale.stat().st_mtime < recent:
             stale.unlink(missing_ok=True)
 
 
@@ -321,11 +339,27 @@ def onnx_float_nodes(graph_model: Any) -> list[str]:
             continue
         name = node.name
         ffn_out = "/output/dense/" in name and "/attention/output/dense/" not in name
-        if ffn_out and any(f"/layer.{i}/" in name for i in ONNX_FLOAT_FFN_LAYERS):
+        if ((ffn_out and any(f"/layer.{i}/" in name for i in ONNX_FLOAT_FFN_LAYERS))
+                or "/pooler/" in name or "/classifier/" in name):
             keep.append(name)
-        elif "/pooler/" in name or "/classifier/" in name:
-            keep.append(name)
+            if node.op_type == "Gemm":
+                # Dynamic quantisation first splits a Gemm into <name>_MatMul + <name>_Add
+                # and matches the exclusions against the new names.
+                keep.append(f"{name}_MatMul")
     return keep
+
+
+def _check_kept_float(path: Path, keep: Sequence[str]) -> None:
+    """Every node meant to stay float is a float MatMul in the quantised file: a renaming
+    inside onnxruntime must not silently change which layers are int8."""
+    import onnx
+
+    present = {node.name: node.op_type for node in onnx.load(str(path)).graph.node}
+    missing = [name for name in keep if name in present and present[name] != "MatMul"]
+    quantised = [name for name in keep if f"{name}_quant" in present]
+    if missing or quantised or not any(present.get(name) == "MatMul" for name in keep):
+        raise RuntimeError(f"int8 ONNX export of {path}: layers meant to stay float were "
+                           f"quantised ({', '.join(quantised or missing) or 'none kept'})")
 
 
 def _onnx_session(path: Path, threads: int) -> Any:
@@ -438,7 +472,8 @@ class FineTunedClassifier(_Batched):
                 f"{config_file}: id2label must name {LABELS}, has {json.dumps(id2label)}"
             ) from None
         scale = getattr(config, "logit_scale", 1.0)
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+        if (isinstance(scale, bool) or not isinstance(scale, int | float)
+                or not math.isfinite(scale) or scale <= 0):
             raise ValueError(f"{config_file}: logit_scale must be a positive number, "
                              f"not {scale!r}")
         self._logit_scale = float(scale)

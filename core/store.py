@@ -137,6 +137,16 @@ MIGRATIONS: Sequence[str] = (
 )
 
 
+MARK_REPLIED_ANSWERED = (
+    "UPDATE messages SET status = 'answered' WHERE direction = 'in' AND status IN "
+    "('received', 'processing') AND id NOT IN (SELECT value FROM json_each(?)) "
+    "AND EXISTS (SELECT 1 FROM messages o WHERE o.reply_to = messages.id "
+    "AND o.direction = 'out' AND o.sender IN ('bot', 'system') AND o.status = 'sent')"
+)
+"""Recovery: an unfinished message whose reply was already sent is answered (one
+parameter: the JSON list of ids this process is handling)."""
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -388,14 +398,7 @@ class SQLiteStore:
                 "(SELECT value FROM json_each(?)))",
                 [skipped],
             )
-            db.execute(
-                "UPDATE messages SET status = 'answered' WHERE direction = 'in' AND status IN "
-                "('received', 'processing') AND id NOT IN (SELECT value FROM json_each(?)) "
-                "AND EXISTS (SELECT 1 FROM messages o WHERE o.reply_to = messages.id "
-                "AND o.direction = 'out' AND o.sender IN ('bot', 'system') "
-                "AND o.status = 'sent')",
-                [skipped],
-            )
+            db.execute(MARK_REPLIED_ANSWERED, [skipped])
             db.execute(
                 "UPDATE messages SET status = 'failed', error = 'interrupted' "
                 "WHERE direction = 'out' AND status = 'pending' AND (reply_to IS NULL OR "

@@ -95,7 +95,12 @@ class FineTuned:
         self.negative_threshold = float(raw) if raw is not None else None
         bias = getattr(self._model.config, "logit_bias", None)
         self.logit_bias = tuple(float(b) for b in bias) if bias is not None else None
-        self.logit_scale = float(getattr(self._model.config, "logit_scale", 1.0))
+        scale = getattr(self._model.config, "logit_scale", 1.0)
+        if (isinstance(scale, bool) or not isinstance(scale, int | float)
+                or not math.isfinite(scale) or scale <= 0):
+            raise DataError(f"{self.path / 'config.json'}: logit_scale must be a positive "
+                            f"number, not {scale!r}")
+        self.logit_scale = float(scale)
 
     def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """The model's probabilities with its dev-fitted logit scale (temperature), before
@@ -335,6 +340,9 @@ def make_soup(folders: Sequence[Path], out: Path) -> None:
 
     if len(folders) < 2:
         raise DataError("--soup needs at least two fine-tuned folders")
+    if any(out.resolve() == folder.resolve() for folder in folders):
+        raise DataError(f"--out {out} is one of the --soup folders: write the soup elsewhere "
+                        "(an ingredient would be overwritten)")
     states = []
     for folder in folders:
         if not (folder / WEIGHTS).is_file() or not (folder / "config.json").is_file():

@@ -211,6 +211,12 @@ def test_split_message_at_a_small_limit_keeps_it_and_closes_every_block(text: st
         text.count("0")
 
 
+def test_split_message_refuses_a_limit_it_cannot_keep() -> None:
+    """Below the size of a reopened block it looped for ever; now it says so."""
+    with pytest.raises(ValueError, match="needs a limit of at least"):
+        split_message("```py\n" + "xx " * 10, 8)
+
+
 def test_model_markdown_repaired_only_where_broken() -> None:
     assert escape_model_markdown("Use **bold** and `code`") == "Use **bold** and `code`"
     assert escape_model_markdown("5 ** 2 is 25") == "5 \\*\\* 2 is 25"

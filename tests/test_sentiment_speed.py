@@ -128,6 +128,13 @@ async def test_onnx_finetuned_labels_match_torch(tuned_folder: Path, quantize: s
             assert max(diffs) < 1e-4  # the same float model, logit bias included
         else:
             assert 0 < max(diffs) < 0.1
+            import onnx
+
+            ops = {n.name: n.op_type for n in onnx.load(str(path)).graph.node}
+            int8 = [name for name, op in ops.items() if op == "MatMulInteger"]
+            assert int8 and not [n for n in int8 if "pooler" in n or "classifier" in n]
+            assert not [n for n in int8 if "/layer.0/output/dense/" in n]
+            assert any("/layer.1/output/dense/" in n for n in int8)
     finally:
         await torch_fp32.close()
         await ort.close()
@@ -222,8 +229,11 @@ def test_logit_scale_sharpens_the_probabilities_not_the_labels(
     assert pb.max(axis=1).mean() > pa.max(axis=1).mean()
 
 
-def test_bad_logit_scale_names_file_and_key(tuned_folder: Path, tmp_path: Path) -> None:
-    bad = _with_scale(tuned_folder, tmp_path / "bad", -1)
+@pytest.mark.parametrize("scale", [-1, 0, float("inf"), "2"])
+def test_bad_logit_scale_names_file_and_key(
+    tuned_folder: Path, tmp_path: Path, scale: object,
+) -> None:
+    bad = _with_scale(tuned_folder, tmp_path / "bad", scale)
     with pytest.raises(ValueError, match=rf"^{bad / 'config.json'}: logit_scale must be a "):
         FineTunedClassifier(bad)._load()
 

@@ -314,6 +314,11 @@ def test_soup_averages_two_fine_tunes_and_refits_on_dev(
     assert sentiment.run(_args(sentiment, "--data", str(FIXTURE), "--out", str(tmp_path / "x"),
                                "--soup", str(folders[0]), str(tmp_path))) == 2
     assert f"--soup {tmp_path}: not a fine-tuned model folder" in capsys.readouterr().err
+    weights = (folders[1] / "model.safetensors").read_bytes()
+    assert sentiment.run(_args(sentiment, "--data", str(FIXTURE), "--out", str(folders[1]),
+                               "--soup", *map(str, folders))) == 2
+    assert "is one of the --soup folders" in capsys.readouterr().err
+    assert (folders[1] / "model.safetensors").read_bytes() == weights
 
 
 def test_logit_scale_recovers_the_temperature_of_flattened_probabilities() -> None:

@@ -5,13 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from core.store import MIGRATIONS, SQLiteStore
-
-RECOVERY_REPLY_LOOKUP = (
-    "SELECT count(*) FROM messages WHERE direction = 'in' AND status IN ('received', "
-    "'processing') AND EXISTS (SELECT 1 FROM messages o WHERE o.reply_to = messages.id "
-    "AND o.direction = 'out' AND o.sender IN ('bot', 'system') AND o.status = 'sent')"
-)
+from core.store import MARK_REPLIED_ANSWERED, MIGRATIONS, SQLiteStore
 
 
 async def test_a_version_3_database_gains_the_reply_index_and_recovery_uses_it(
@@ -37,7 +31,7 @@ async def test_a_version_3_database_gains_the_reply_index_and_recovery_uses_it(
     conn = sqlite3.connect(path)
     try:
         plan = " | ".join(row[-1] for row in conn.execute(
-            f"EXPLAIN QUERY PLAN {RECOVERY_REPLY_LOOKUP}"))
+            f"EXPLAIN QUERY PLAN {MARK_REPLIED_ANSWERED}", ["[]"]))
     finally:
         conn.close()
     assert "messages_reply_to" in plan, plan
