@@ -24,8 +24,8 @@ from core.sentiment import (
     FineTunedClassifier,
     _Batched,
     build_classifier,
-    onnx_cache_path,
 )
+from core.sentiment_onnx import onnx_cache_path
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tweets_small.csv"
 
