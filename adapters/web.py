@@ -581,11 +581,8 @@ class WebAdapter(Adapter, CustomerChannel):
     async def _history(self, request: web.Request) -> web.Response:
         """The customer's conversations on every account an operator linked."""
         self._operator(request)
-        try:
-            history = await self.pipeline.operators.history(int(request.match_info["id"]))
-        except OperatorError as exc:
-            raise _json_error(web.HTTPNotFound, str(exc)) from None
-        return web.json_response(history_json(history))
+        return await self._customer_action(
+            self.pipeline.operators.history(int(request.match_info["id"])))
 
     async def _link(self, request: web.Request) -> web.Response:
         """Link the ticket's customer with another account: ``{"platform": "telegram",

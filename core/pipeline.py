@@ -350,21 +350,13 @@ class Pipeline:
         faults, parked = self._faults, set(self._parked)
         try:
             rows = await self.store.unfinished_inbound(sorted(self._inflight))
-            ids = sorted({int(r["conversation_id"]) for r in rows})
-            convos = {
-                int(c["id"]): c for c in await self.store.query(
-                    "SELECT id, user_id, state FROM conversations "
-                    "WHERE id IN (SELECT value FROM json_each(?))", [json.dumps(ids)],
-                )
-            } if ids else {}
         finally:
             self._watchers.remove(seen)
         # From here to the end, no await: nothing can finish or be submitted in between.
         jobs = list(self._held)
         for row in rows:
-            if row["id"] in seen or row["conversation_id"] not in convos:
-                continue  # finished while we looked (or its conversation is gone)
-            convo = convos[row["conversation_id"]]
+            if row["id"] in seen:
+                continue  # finished while we looked
             inbound = Inbound(
                 platform=row["platform"],
                 conversation_key=row["conversation_key"],
@@ -374,8 +366,8 @@ class Pipeline:
                 kind=Kind(row["kind"]),
                 payload=row["payload"],
             )
-            stored = StoredInbound(row["id"], row["conversation_id"], convo["user_id"],
-                                   convo["state"])
+            stored = StoredInbound(row["id"], row["conversation_id"], row["user_id"],
+                                   row["state"])
             jobs.append(_Job(stored.message_id, inbound, stored))
         self._held.clear()
         if not self._closing:

@@ -209,6 +209,16 @@ class EncoderHeadClassifier(_Batched):
         return [_scores(p) for p in probs]
 
 
+def logit_scale(config: Any, config_file: Path) -> float:
+    """A fine-tuned folder's dev-fitted logit scale (1 when it has none), checked."""
+    scale = getattr(config, "logit_scale", 1.0)
+    if (isinstance(scale, bool) or not isinstance(scale, int | float)
+            or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"{config_file}: logit_scale must be a positive number, "
+                         f"not {scale!r}")
+    return float(scale)
+
+
 class FineTunedClassifier(_Batched):
     """A sequence-classification folder written by ``supportbot finetune sentiment``.
 
@@ -301,12 +311,7 @@ class FineTunedClassifier(_Batched):
             raise ValueError(
                 f"{config_file}: id2label must name {LABELS}, has {json.dumps(id2label)}"
             ) from None
-        scale = getattr(config, "logit_scale", 1.0)
-        if (isinstance(scale, bool) or not isinstance(scale, int | float)
-                or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"{config_file}: logit_scale must be a positive number, "
-                             f"not {scale!r}")
-        self._logit_scale = float(scale)
+        self._logit_scale = logit_scale(config, config_file)
         bias = getattr(config, "logit_bias", None)
         if bias is not None:
             if (not isinstance(bias, list) or len(bias) != len(id2label)
@@ -315,65 +320,48 @@ class FineTunedClassifier(_Batched):
                     f"{config_file}: logit_bias must be a list of {len(id2label)} numbers "
                     f"(one per id2label entry), not {bias!r}"
                 )
-            if self._runtime == "onnx":
-                import numpy as np
+            import numpy as np
 
-                self._logit_bias = np.asarray(bias, dtype=np.float32)
-            else:
-                import torch
-
-                self._logit_bias = torch.tensor(bias, dtype=torch.float32)
+            self._logit_bias = np.asarray(bias, dtype=np.float64)
 
     def _predict(self, texts: Sequence[str]) -> list[Scores]:
-        if self._session is not None:
-            return self._predict_onnx(texts)
-        import torch
+        import numpy as np
 
         # Character length orders tweets well enough to keep each sub-batch's padding short.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         probs: list[list[float]] = [[]] * len(texts)
-        with torch.inference_mode():
-            for start in range(0, len(order), SUB_BATCH):
-                idx = order[start : start + SUB_BATCH]
-                batch = self._tokenizer(
-                    [texts[i] for i in idx], padding=True, truncation=True,
-                    max_length=self._max_length, return_tensors="pt",
-                )
-                logits = self._model(**batch).logits * self._logit_scale
-                if self._logit_bias is not None:
-                    logits = logits + self._logit_bias
-                rows = torch.softmax(logits, dim=-1)[:, self._order].tolist()
-                for i, row in zip(idx, rows, strict=True):
-                    probs[i] = row
-        return [_scores(p) for p in probs]
-
-    def _predict_onnx(self, texts: Sequence[str]) -> list[Scores]:
-        """:meth:`_predict` on ONNX Runtime: the same sub-batches, scale, bias and softmax."""
-        import numpy as np
-
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        probs: list[list[float]] = [[]] * len(texts)
         for start in range(0, len(order), SUB_BATCH):
             idx = order[start : start + SUB_BATCH]
-            batch = self._tokenizer(
-                [texts[i] for i in idx], padding=True, truncation=True,
-                max_length=self._max_length, return_tensors="np",
-            )
-            feed = {}
-            for name, dtype in self._onnx_inputs.items():
-                value = batch.get(name)
-                if value is None:  # a tokenizer without token types: all segment 0
-                    value = np.zeros_like(batch["input_ids"])
-                feed[name] = value.astype(dtype, copy=False)
-            logits = self._session.run(None, feed)[0] * np.float32(self._logit_scale)
+            logits = self._logits([texts[i] for i in idx]).astype(np.float64)
+            logits = logits * self._logit_scale
             if self._logit_bias is not None:
                 logits = logits + self._logit_bias
-            logits = logits - logits.max(axis=-1, keepdims=True)
-            exp = np.exp(logits, dtype=np.float64)
+            exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
             rows = (exp / exp.sum(axis=-1, keepdims=True))[:, self._order].tolist()
             for i, row in zip(idx, rows, strict=True):
                 probs[i] = row
         return [_scores(p) for p in probs]
+
+    def _logits(self, texts: list[str]) -> Any:
+        """One sub-batch's raw logits (id2label order) from whichever runtime is loaded."""
+        import numpy as np
+
+        if self._session is None:
+            import torch
+
+            batch = self._tokenizer(texts, padding=True, truncation=True,
+                                    max_length=self._max_length, return_tensors="pt")
+            with torch.inference_mode():
+                return self._model(**batch).logits.numpy()
+        batch = self._tokenizer(texts, padding=True, truncation=True,
+                                max_length=self._max_length, return_tensors="np")
+        feed = {}
+        for name, dtype in self._onnx_inputs.items():
+            value = batch.get(name)
+            if value is None:  # a tokenizer without token types: all segment 0
+                value = np.zeros_like(batch["input_ids"])
+            feed[name] = value.astype(dtype, copy=False)
+        return self._session.run(None, feed)[0]
 
 
 def build_classifier(

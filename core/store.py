@@ -406,7 +406,8 @@ class SQLiteStore:
                 [skipped],
             )
             return list(db.query(
-                "SELECT m.*, c.conversation_key, u.platform_user_id, u.display_name "
+                "SELECT m.*, c.conversation_key, c.user_id, c.state, u.platform_user_id, "
+                "u.display_name "
                 "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
                 "JOIN users u ON u.id = c.user_id "
                 "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') "

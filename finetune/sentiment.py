@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from core.sentiment import logit_scale
 from finetune.sentiment_data import (
     DEFAULT_DATA,
     LABELS,
@@ -95,12 +96,10 @@ class FineTuned:
         self.negative_threshold = float(raw) if raw is not None else None
         bias = getattr(self._model.config, "logit_bias", None)
         self.logit_bias = tuple(float(b) for b in bias) if bias is not None else None
-        scale = getattr(self._model.config, "logit_scale", 1.0)
-        if (isinstance(scale, bool) or not isinstance(scale, int | float)
-                or not math.isfinite(scale) or scale <= 0):
-            raise DataError(f"{self.path / 'config.json'}: logit_scale must be a positive "
-                            f"number, not {scale!r}")
-        self.logit_scale = float(scale)
+        try:
+            self.logit_scale = logit_scale(self._model.config, self.path / "config.json")
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
 
     def probabilities(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """The model's probabilities with its dev-fitted logit scale (temperature), before

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from core.social_text import NORMALIZATION, normalize
 
@@ -248,8 +248,7 @@ def apply_logit_bias(
     """Prior correction: softmax(log p + bias), the same as adding ``bias`` to the logits."""
     import numpy as np
 
-    logp = (np.asarray(probabilities, dtype=np.float64) if already_log
-            else np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)))
+    logp = np.asarray(probabilities, dtype=np.float64) if already_log else _log(probabilities)
     z = logp + np.asarray(bias, dtype=np.float64)
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -263,17 +262,15 @@ SCALE_GRID = tuple(round(0.25 + 0.05 * i, 2) for i in range(116))
 def apply_logit_scale(
     probabilities: Sequence[Sequence[float]], scale: float
 ) -> list[list[float]]:
-    """softmax(scale * log p): the same as multiplying the logits by ``scale``."""
-    return apply_logit_bias(
-        [[v * scale for v in row] for row in _log(probabilities)], [0.0] * len(LABELS),
-        already_log=True,
-    )
+    """softmax(scale * log p), i.e. p ** scale renormalised: the same as multiplying the
+    logits by ``scale``."""
+    return apply_logit_bias(_log(probabilities) * scale, [0.0] * len(LABELS), already_log=True)
 
 
-def _log(probabilities: Sequence[Sequence[float]]) -> list[list[float]]:
+def _log(probabilities: Sequence[Sequence[float]]) -> Any:
     import numpy as np
 
-    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)).tolist()
+    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0))
 
 
 def fit_logit_scale(gold: Sequence[int], probabilities: Sequence[Sequence[float]]) -> float:
@@ -284,7 +281,7 @@ def fit_logit_scale(gold: Sequence[int], probabilities: Sequence[Sequence[float]
     import numpy as np
 
     g = np.asarray(gold, dtype=np.int64)
-    logp = np.asarray(_log(probabilities))
+    logp = _log(probabilities)
     best_scale, best_nll = 1.0, float("inf")
     for scale in SCALE_GRID:
         z = logp * scale
@@ -312,7 +309,7 @@ def fit_logit_bias(
 
     k = len(LABELS)
     g = np.asarray(gold, dtype=np.int64)
-    logp = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0))
+    logp = _log(probabilities)
     best: tuple[float, float, tuple[float, float, float]] | None = None
     for b1 in BIAS_GRID:
         for b2 in BIAS_GRID:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -146,10 +147,21 @@ async def test_onnx_finetuned_labels_match_torch(tuned_folder: Path, quantize: s
 
 
 def test_onnx_cache_follows_the_folder(tuned_folder: Path, tmp_path: Path) -> None:
+    """The same folder gets a new file when its config or its weights change, so a refit
+    or a retraining is never served from a stale export."""
     copy = _with_bias(tuned_folder, tmp_path / "copy", [0.0, 0.0, 0.0])
-    assert onnx_cache_path(copy, "int8") != onnx_cache_path(tuned_folder, "int8")
-    assert onnx_cache_path(copy, "int8") != onnx_cache_path(copy, "none")
-    assert onnx_cache_path(copy, "int8") == onnx_cache_path(copy, "int8")
+    first = onnx_cache_path(copy, "int8")
+    assert first == onnx_cache_path(copy, "int8")
+    assert first.name.startswith("int8-") and onnx_cache_path(copy, "none") != first
+    config = json.loads((copy / "config.json").read_text())
+    config["logit_bias"] = [0.0, 0.0, 0.1]
+    (copy / "config.json").write_text(json.dumps(config))
+    refit = onnx_cache_path(copy, "int8")
+    assert refit != first
+    weights = copy / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert onnx_cache_path(copy, "int8") not in (first, refit)
 
 
 def test_unknown_runtime_names_the_setting() -> None:

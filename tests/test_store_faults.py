@@ -599,6 +599,8 @@ async def test_close_writes_what_is_owed_to_the_database(tmp_path: Path) -> None
             store.arm_on_sent = FULL
             await tab.command("help")
             await tab.until(lambda f: f["type"] == "message", timeout=60)
+            # The "sent" record really is owed (the fault fired), so stop() has to write it.
+            await wait_for(lambda: _pipeline(service)._backlog, timeout=10)
             store.fault = None
     finally:
         await service.stop()
