@@ -30,7 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from core.sentiment import LABELS, _Batched, build_classifier
-from finetune.sentiment_data import DEFAULT_DATA, DataError, load, score, split_of
+from finetune.sentiment_data import (
+    DEFAULT_DATA,
+    DataError,
+    bootstrap_macro_f1,
+    load,
+    score,
+    split_of,
+)
 
 FALLBACK_TEXTS = (
     "@united my flight was cancelled and nobody at the desk will help me!!!",
@@ -177,10 +184,15 @@ async def main(args: argparse.Namespace) -> int:
             labels[name] = [LABELS.index(r.label) for r in results]
             s = score(gold, labels[name])
             same = sum(x == y for x, y in zip(labels["fp32"], labels[name], strict=True))
+            gap = ""
+            if name != "fp32":
+                low, high = bootstrap_macro_f1(gold, labels[name], labels["fp32"])
+                delta = s.macro_f1 - score(gold, labels["fp32"]).macro_f1
+                gap = f"  macro-F1 - fp32 {delta:+.3f} (95% CI {low:+.3f} to {high:+.3f})"
             print(f"{name:>9} on {len(sample)} test tweets: "
                   f"accuracy {s.accuracy:.3f}  macro-F1 {s.macro_f1:.3f}  "
                   f"negative P {s.negative_precision:.3f} R {s.negative_recall:.3f}  "
-                  f"labels as fp32 {same}/{len(sample)} ({same / len(sample):.1%})")
+                  f"labels as fp32 {same}/{len(sample)} ({same / len(sample):.1%}){gap}")
     for clf in variants.values():
         await clf.close()
     return 0

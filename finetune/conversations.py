@@ -291,6 +291,28 @@ def _read_twacs(path: Path) -> Iterator[tuple[int, Example | str]]:
         yield line, Example(turns, f"{path}:{line}", row.get("tag", "").strip(), ident)
 
 
+def twacs_customer_turns(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Every customer turn of a TwACS file as (line, text), for unlabeled in-domain text.
+
+    The anonymised handles (``__company__``, ``__cust__``) are written back as ``@user``, the
+    form the sentiment normalisation gives real handles; HTML entities are decoded. A row
+    whose markup is broken raises :class:`DataError` naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, 0, "no such file")
+    for line, row in _csv_rows(path, TWACS_COLUMNS):
+        if "__error__" in row:
+            raise DataError(path, line, row["__error__"])
+        for column in TWACS_COLUMNS:
+            turns = _parse_thread(row[column])
+            if isinstance(turns, str):
+                raise DataError(path, line, f"{column}: {turns}")
+            for role, raw in turns:
+                text = _ANON.sub("@user", html.unescape(raw)).strip()
+                if role == "user" and text:
+                    yield line, text
+
+
 def _message(value: Any, index: int) -> Turn | str:
     if not isinstance(value, dict):
         return f"messages[{index}] is not an object"

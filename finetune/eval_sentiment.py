@@ -19,6 +19,7 @@ from finetune.sentiment_data import (
     Example,
     Scores,
     apply_logit_bias,
+    bootstrap_macro_f1,
     decide,
     label_counts,
     load,
@@ -37,6 +38,8 @@ Predictor = Callable[[Sequence[str]], list[int]]
 class Row:
     name: str
     scores: Scores
+    interval: tuple[float, float]
+    """95% bootstrap interval of the macro-F1 over the test tweets."""
 
 
 def majority(train: Sequence[Example]) -> Predictor:
@@ -65,7 +68,11 @@ def evaluate(
 ) -> list[Row]:
     texts = [e.text for e in test]
     gold = [e.label for e in test]
-    return [Row(name, score(gold, predict(texts))) for name, predict in models]
+    rows = []
+    for name, predict in models:
+        predicted = predict(texts)
+        rows.append(Row(name, score(gold, predicted), bootstrap_macro_f1(gold, predicted)))
+    return rows
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -73,15 +80,16 @@ def table(rows: Sequence[Row]) -> str:
     short = "/".join(label[:3] for label in LABELS)
     lines = [
         f"| model | accuracy | macro-F1 | neg. precision | neg. recall "
-        f"| confusion (rows true, cols predicted: {short}) |",
-        "|---|---:|---:|---:|---:|---|",
+        f"| confusion (rows true, cols predicted: {short}) | macro-F1 95% CI |",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         s = r.scores
         confusion = " / ".join(" ".join(str(v) for v in row) for row in s.confusion)
         lines.append(
             f"| {r.name} | {s.accuracy:.3f} | {s.macro_f1:.3f} | {s.negative_precision:.3f} "
-            f"| {s.negative_recall:.3f} | {confusion} |"
+            f"| {s.negative_recall:.3f} | {confusion} "
+            f"| {r.interval[0]:.3f}–{r.interval[1]:.3f} |"
         )
     return "\n".join(lines)
 

@@ -37,6 +37,7 @@ from finetune.sentiment_data import (
     LABELS,
     NORMALIZATION,
     DataError,
+    Dataset,
     Example,
     Scores,
     apply_logit_bias,
@@ -49,6 +50,7 @@ from finetune.sentiment_data import (
     tune_negative_threshold,
 )
 from finetune.sentiment_head import minilm_path
+from finetune.sentiment_unlabeled import DEFAULT_LIMIT, DEFAULT_UNLABELED, load_unlabeled
 from finetune.tool import run_module
 
 if TYPE_CHECKING:
@@ -134,6 +136,31 @@ def _probabilities(
     return out
 
 
+def _soft_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted mean of -sum(target * log p): hard and soft targets in one loss."""
+    per_example = -(targets * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
+    return (per_example * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
+@dataclass(frozen=True, slots=True)
+class SoftLabels:
+    """Unlabeled texts with a teacher's probabilities (in :data:`LABELS` order)."""
+
+    texts: tuple[str, ...]
+    probabilities: tuple[tuple[float, float, float], ...]
+    source: str
+    """Where the texts and the teacher came from, for the model card."""
+
+
+def teacher_labels(teacher: Path, texts: Sequence[str], source: str) -> SoftLabels:
+    """``teacher``'s calibrated probabilities (its logit scale, not its bias: the bias
+    is a decision rule fitted on dev, the targets should stay probabilities)."""
+    probs = FineTuned(teacher).probabilities(texts)
+    return SoftLabels(tuple(texts), tuple(tuple(map(float, p)) for p in probs), source)
+
+
 def _dev_f1(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
     gold: Sequence[int],
@@ -172,6 +199,8 @@ class FineTuneResult:
     stopped_by: str
     start: str
     """What training started from: the base MiniLM or a fine-tuned folder."""
+    soft_count: int = 0
+    soft_source: str = ""
 
 
 def finetune(
@@ -183,12 +212,14 @@ def finetune(
     base: Path | None = None,
     log: Callable[[str], None] = print,
     origin: str | None = None,
+    soft: SoftLabels | None = None,
 ) -> FineTuneResult:
     """Train, keep the best dev macro-F1 checkpoint, fit threshold and bias on dev, save.
 
     ``base`` is a fine-tuned folder to continue from (its own dev score is the first
     checkpoint to beat), or None for the plain MiniLM. ``cfg.epochs == 0`` trains nothing and
-    only refits the dev corrections of ``base``.
+    only refits the dev corrections of ``base``. ``soft`` adds unlabeled texts with a
+    teacher's probabilities as targets (distillation), shuffled in with the gold tweets.
     """
     from transformers import (
         AutoModelForSequenceClassification,
@@ -219,10 +250,14 @@ def finetune(
     )
     texts = [e.text for e in train_set]
     labels = torch.tensor([e.label for e in train_set])
+    targets = torch.nn.functional.one_hot(labels, len(LABELS)).float()
+    if soft is not None and soft.texts:
+        texts += list(soft.texts)
+        targets = torch.cat([targets, torch.tensor(soft.probabilities, dtype=torch.float32)])
     encoded = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
     lengths = [len(ids) for ids in encoded]
     rng = random.Random(cfg.seed)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
     total_steps = max(0, int(steps_per_epoch * cfg.epochs))
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     no_decay = ("bias", "LayerNorm.weight")
@@ -238,10 +273,12 @@ def finetune(
     )
     if cfg.class_weights:
         counts = torch.bincount(labels, minlength=len(LABELS)).float().clamp(min=1)
-        weight = len(labels) / (len(LABELS) * counts)
+        class_weight = len(labels) / (len(LABELS) * counts)
     else:
-        weight = None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+        class_weight = torch.ones(len(LABELS))
+    # Each example weighs its target's expected class weight: for a gold label exactly
+    # torch's class-weighted cross-entropy, for a teacher's soft target its blend.
+    example_weight = targets @ class_weight
     dev_texts = [e.text for e in dev_set]
     dev_gold = [e.label for e in dev_set]
 
@@ -257,7 +294,7 @@ def finetune(
         for batch in _batches(lengths, cfg.batch_size, rng):
             enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
             logits = model(**enc).logits
-            loss = loss_fn(logits, labels[batch])
+            loss = _soft_cross_entropy(logits, targets[batch], example_weight[batch])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -313,6 +350,7 @@ def finetune(
         best_step=best_step, minutes=minutes, stopped_by=stopped_by,
         start=origin or (str(base) if continuing else "sentence-transformers/all-MiniLM-L6-v2"),
         bias_fitted=fitted is not None, logit_scale=scale,
+        soft_count=len(soft.texts) if soft else 0, soft_source=soft.source if soft else "",
     )
     model.config.negative_threshold = round(threshold, 4)
     model.config.logit_bias = list(bias)
@@ -374,6 +412,8 @@ def _row(name: str, s: Scores | None) -> str:
 def model_card(r: FineTuneResult, cfg: TrainConfig, n_train: int, n_dev: int) -> str:
     bias_note = "" if r.bias_fitted else (
         " (no bias on the grid kept both limits on dev, so none is applied)")
+    distilled = (f" and {r.soft_count} unlabeled texts with soft targets ({r.soft_source})"
+                 if r.soft_count else "")
     confusion = ""
     if r.test_bias is not None:
         head = "| true \\ predicted | " + " | ".join(LABELS) + " |\n|---|---:|---:|---:|\n"
@@ -418,11 +458,11 @@ logits): a prior correction fitted on dev for the best macro-F1 keeping negative
 {_row(f"dev ({n_dev}, logit bias)", r.dev_bias)}
 {_row("test (logit bias, used by the service)", r.test_bias)}
 {confusion}
-Training from {r.start}: {n_train} tweets, {r.steps} steps ({r.epochs_done:.2f} epochs) in
-{r.minutes:.1f} min on CPU with {cfg.threads} thread(s); stopped by {r.stopped_by}; best dev
-checkpoint at step {r.best_step}. batch {cfg.batch_size}, lr {cfg.lr}, weight decay
-{cfg.weight_decay}, warmup {cfg.warmup}, max_length {MAX_LENGTH}, class-weighted loss
-{cfg.class_weights}, seed {cfg.seed}.
+Training from {r.start}: {n_train} tweets{distilled},
+{r.steps} steps ({r.epochs_done:.2f} epochs) in {r.minutes:.1f} min on CPU with
+{cfg.threads} thread(s); stopped by {r.stopped_by}; best dev checkpoint at step {r.best_step}.
+batch {cfg.batch_size}, lr {cfg.lr}, weight decay {cfg.weight_decay}, warmup {cfg.warmup},
+max_length {MAX_LENGTH}, class-weighted loss {cfg.class_weights}, seed {cfg.seed}.
 
 Data license: the tweets are CC BY-NC-SA 4.0 (CrowdFlower "Data for Everyone"); this model
 is trained on them and is for non-commercial use.
@@ -447,9 +487,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=d.threads, help="torch threads")
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this fine-tuned folder instead of the base MiniLM")
+    parser.add_argument("--unlabeled", type=Path, default=None, metavar="PATH",
+                        help="TwACS customer tweets (csv or csv.bz2) to distil --teacher into "
+                             f"the student, e.g. {DEFAULT_UNLABELED}")
+    parser.add_argument("--teacher", type=Path, default=None, metavar="FOLDER",
+                        help="fine-tuned folder whose probabilities label --unlabeled")
+    parser.add_argument("--unlabeled-limit", type=int, default=DEFAULT_LIMIT,
+                        help="fixed-seed sample of this many unlabeled texts (0: all)")
     parser.add_argument("--soup", type=Path, nargs="+", default=None, metavar="FOLDER",
                         help="average these fine-tuned folders' weights into --out and refit "
                              "the dev corrections (no training)")
+
+
+def _soft_labels(args: argparse.Namespace, data: Dataset) -> SoftLabels | None:
+    """The teacher-labelled unlabeled texts that ``--unlabeled``/``--teacher`` ask for."""
+    if (args.unlabeled is None) != (args.teacher is None):
+        raise DataError("--unlabeled and --teacher go together: the teacher labels the texts")
+    if args.unlabeled is None:
+        return None
+    if args.soup:
+        raise DataError("--soup trains nothing: it cannot take --unlabeled/--teacher")
+    held_out = [e.text for e in data.split("dev") + data.split("test")]
+    unlabeled = load_unlabeled(args.unlabeled, held_out, args.unlabeled_limit, args.seed)
+    print(f"{len(unlabeled.texts)} unlabeled texts from {unlabeled.path} "
+          f"({unlabeled.turns_read} customer turns, {unlabeled.duplicates} duplicates, "
+          f"{unlabeled.held_out_dropped} equal to a dev/test tweet dropped); "
+          f"labelling them with {args.teacher}", flush=True)
+    return teacher_labels(args.teacher, unlabeled.texts,
+                          f"{unlabeled.path}, labelled by {args.teacher}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -469,9 +534,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"soup of {', '.join(map(str, args.soup))} -> {args.out}", flush=True)
             base, cfg = args.out, replace(cfg, epochs=0.0)
             origin = f"the weight average of {', '.join(map(str, args.soup))}"
+        soft = _soft_labels(args, data)
         result = finetune(data.split("train"), data.split("dev"), data.split("test"),
                           args.out, cfg, base=base, origin=origin,
-                          log=lambda line: print(line, flush=True))
+                          log=lambda line: print(line, flush=True), soft=soft)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

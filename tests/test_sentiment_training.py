@@ -21,6 +21,7 @@ from finetune.sentiment_data import (
     LABELS,
     DataError,
     Example,
+    bootstrap_macro_f1,
     decide,
     fit_logit_bias,
     fit_logit_scale,
@@ -222,6 +223,8 @@ def test_eval_prints_one_table_for_all_models(
         rows["majority class"]
     )
     assert any(name.startswith("VADER") for name in rows)
+    low, high = (float(x) for x in rows["majority class"].split("|")[-2].strip().split("–"))
+    assert low <= 0.167 <= high and low < high
     assert "embedded head (argmax)" in rows
     head_cells = rows["embedded head (argmax)"].split("|")
     assert 0.5 <= float(head_cells[2]) <= 1.0
@@ -319,6 +322,24 @@ def test_soup_averages_two_fine_tunes_and_refits_on_dev(
                                "--soup", *map(str, folders))) == 2
     assert "is one of the --soup folders" in capsys.readouterr().err
     assert (folders[1] / "model.safetensors").read_bytes() == weights
+
+
+def test_bootstrap_interval_of_macro_f1_and_of_a_paired_difference() -> None:
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 3, size=600).tolist()
+    noisy = [g if rng.random() < 0.8 else int(rng.integers(0, 3)) for g in gold]
+    assert bootstrap_macro_f1(gold, gold) == (1.0, 1.0)
+    assert bootstrap_macro_f1(gold, noisy, baseline=noisy) == (0.0, 0.0)
+    low, high = bootstrap_macro_f1(gold, noisy)
+    point = score(gold, noisy).macro_f1
+    assert low < point < high and 0.02 < high - low < 0.15
+    worse = [g if rng.random() < 0.5 else int(rng.integers(0, 3)) for g in gold]
+    d_low, d_high = bootstrap_macro_f1(gold, noisy, baseline=worse)
+    assert 0 < d_low < point - score(gold, worse).macro_f1 < d_high
+    long_low, long_high = bootstrap_macro_f1(gold * 10, noisy * 10)
+    assert long_high - long_low < (high - low) / 2  # ten times the tweets, a narrower interval
+    with pytest.raises(ValueError, match="differ in length"):
+        bootstrap_macro_f1(gold, noisy[:-1])
 
 
 def test_logit_scale_recovers_the_temperature_of_flattened_probabilities() -> None:
