@@ -161,6 +161,31 @@ def teacher_labels(teacher: Path, texts: Sequence[str], source: str) -> SoftLabe
     return SoftLabels(tuple(texts), tuple(tuple(map(float, p)) for p in probs), source)
 
 
+@dataclass(frozen=True, slots=True)
+class DevFit:
+    """One model's corrections fitted on dev, and its dev scores with them."""
+
+    scale: float
+    threshold: float
+    bias: tuple[float, float, float]
+    bias_fitted: bool
+    dev: Scores
+    """With the P(negative) threshold."""
+    dev_bias: Scores
+    """With the scale and the bias, labelled by argmax: the service's rule."""
+
+
+def fit_on_dev(gold: Sequence[int], raw: list[list[float]]) -> DevFit:
+    """Scale (temperature) first, then threshold and bias on the scaled probabilities."""
+    scale = fit_logit_scale(gold, raw)
+    probs = apply_logit_scale(raw, scale)
+    threshold = tune_negative_threshold(gold, probs)
+    fitted = fit_logit_bias(gold, probs)
+    bias = fitted or (0.0, 0.0, 0.0)
+    return DevFit(scale, threshold, bias, fitted is not None, score(gold, decide(probs, threshold)),
+                  score(gold, decide(apply_logit_bias(probs, bias), None)))
+
+
 def _dev_f1(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
     gold: Sequence[int],
@@ -322,18 +347,13 @@ def finetune(
     minutes = (time.monotonic() - started) / 60
     model.load_state_dict(best_state)
     model.eval()
-    dev_probs = _probabilities(model, tokenizer, dev_texts, 64).tolist()
-    scale = fit_logit_scale(dev_gold, dev_probs)
-    dev_probs = apply_logit_scale(dev_probs, scale)
+    fit = fit_on_dev(dev_gold, _probabilities(model, tokenizer, dev_texts, 64).tolist())
+    scale, threshold, bias = fit.scale, fit.threshold, fit.bias
+    dev_scores, dev_bias, fitted = fit.dev, fit.dev_bias, fit.bias_fitted
     log(f"dev-fitted logit scale {scale}")
-    threshold = tune_negative_threshold(dev_gold, dev_probs)
-    dev_scores = score(dev_gold, decide(dev_probs, threshold))
-    fitted = fit_logit_bias(dev_gold, dev_probs)
-    if fitted is None:
+    if not fitted:
         log("no logit bias keeps negative recall >= 0.90 and precision >= 0.85 on dev; "
             "none applied")
-    bias = fitted or (0.0, 0.0, 0.0)
-    dev_bias = score(dev_gold, decide(apply_logit_bias(dev_probs, bias), None))
     log(f"dev-fitted logit bias {bias}: dev macro-F1 {dev_bias.macro_f1:.4f}")
     test_scores = test_argmax = test_bias = None
     if test_set:
@@ -349,7 +369,7 @@ def finetune(
         steps=step, epochs_done=step / steps_per_epoch,
         best_step=best_step, minutes=minutes, stopped_by=stopped_by,
         start=origin or (str(base) if continuing else "sentence-transformers/all-MiniLM-L6-v2"),
-        bias_fitted=fitted is not None, logit_scale=scale,
+        bias_fitted=fitted, logit_scale=scale,
         soft_count=len(soft.texts) if soft else 0, soft_source=soft.source if soft else "",
     )
     model.config.negative_threshold = round(threshold, 4)
@@ -368,6 +388,12 @@ def finetune(
 WEIGHTS = "model.safetensors"
 
 
+def _check_soup_out(folders: Sequence[Path], out: Path) -> None:
+    if any(out.resolve() == folder.resolve() for folder in folders):
+        raise DataError(f"--out {out} is one of the --soup folders: write the soup elsewhere "
+                        "(an ingredient would be overwritten)")
+
+
 def make_soup(folders: Sequence[Path], out: Path) -> None:
     """Write the uniform average of ``folders``' weights to ``out`` with the first one's
     config and tokenizer (Wortsman et al., 2022: fine-tunes of one pre-trained model sit
@@ -377,9 +403,7 @@ def make_soup(folders: Sequence[Path], out: Path) -> None:
 
     if len(folders) < 2:
         raise DataError("--soup needs at least two fine-tuned folders")
-    if any(out.resolve() == folder.resolve() for folder in folders):
-        raise DataError(f"--out {out} is one of the --soup folders: write the soup elsewhere "
-                        "(an ingredient would be overwritten)")
+    _check_soup_out(folders, out)
     states = []
     for folder in folders:
         if not (folder / WEIGHTS).is_file() or not (folder / "config.json").is_file():
@@ -400,6 +424,46 @@ def make_soup(folders: Sequence[Path], out: Path) -> None:
             shutil.copyfile(item, out / item.name)
     save_file({k: v.contiguous() for k, v in averaged.items()}, str(out / WEIGHTS),
               metadata={"format": "pt"})
+
+
+def greedy_soup(
+    folders: Sequence[Path], dev_set: Sequence[Example], log: Callable[[str], None] = print,
+) -> list[Path]:
+    """The ingredients Wortsman et al.'s greedy soup keeps: sorted by their own dev
+    macro-F1 (after their dev corrections, the service's rule), each added only if the
+    soup's does not fall. A fixed procedure, so which seeds ship is not picked by hand."""
+    import tempfile
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts, gold = [e.text for e in dev_set], [e.label for e in dev_set]
+
+    def dev_f1(folder: Path) -> float:
+        if not (folder / WEIGHTS).is_file() or not (folder / "config.json").is_file():
+            raise DataError(f"--soup {folder}: not a fine-tuned model folder "
+                            f"(no {WEIGHTS} or config.json)")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+        return fit_on_dev(gold, _probabilities(model, tokenizer, texts, 64).tolist()
+                          ).dev_bias.macro_f1
+
+    own = {folder: dev_f1(folder) for folder in folders}
+    order = sorted(folders, key=lambda f: -own[f])
+    for folder in order:
+        log(f"greedy soup: {folder} alone, dev macro-F1 {own[folder]:.4f}")
+    chosen, best = [order[0]], own[order[0]]
+    with tempfile.TemporaryDirectory(prefix="soup-") as tmp:
+        for n, folder in enumerate(order[1:], 1):
+            trial = Path(tmp) / f"trial{n}"
+            make_soup([*chosen, folder], trial)
+            f1 = dev_f1(trial)
+            kept = f1 >= best
+            log(f"greedy soup: + {folder}: dev macro-F1 {f1:.4f} "
+                f"({'kept' if kept else 'left out'}; best so far {best:.4f})")
+            if kept:
+                chosen, best = [*chosen, folder], f1
+            shutil.rmtree(trial)
+    return chosen
 
 
 def _row(name: str, s: Scores | None) -> str:
@@ -497,6 +561,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soup", type=Path, nargs="+", default=None, metavar="FOLDER",
                         help="average these fine-tuned folders' weights into --out and refit "
                              "the dev corrections (no training)")
+    parser.add_argument("--greedy", action="store_true",
+                        help="with --soup: keep only the folders the greedy soup procedure "
+                             "picks on dev")
 
 
 def _soft_labels(args: argparse.Namespace, data: Dataset) -> SoftLabels | None:
@@ -527,13 +594,25 @@ def run(args: argparse.Namespace) -> int:
     base, origin = args.init, None
     try:
         data = load(args.data)
+        if args.greedy and not args.soup:
+            raise DataError("--greedy picks among --soup folders: pass --soup A B ...")
         if args.soup:
             if args.init is not None:
                 raise DataError("--soup and --init exclude each other: the soup is the start")
-            make_soup(args.soup, args.out)
-            print(f"soup of {', '.join(map(str, args.soup))} -> {args.out}", flush=True)
-            base, cfg = args.out, replace(cfg, epochs=0.0)
-            origin = f"the weight average of {', '.join(map(str, args.soup))}"
+            folders = list(args.soup)
+            _check_soup_out(folders, args.out)
+            if args.greedy:
+                folders = greedy_soup(folders, data.split("dev"),
+                                      log=lambda line: print(line, flush=True))
+            cfg = replace(cfg, epochs=0.0)
+            if len(folders) == 1:
+                print(f"the greedy soup keeps {folders[0]} alone", flush=True)
+                base, origin = folders[0], f"{folders[0]} (the greedy soup kept it alone)"
+            else:
+                make_soup(folders, args.out)
+                print(f"soup of {', '.join(map(str, folders))} -> {args.out}", flush=True)
+                base = args.out
+                origin = f"the weight average of {', '.join(map(str, folders))}"
         soft = _soft_labels(args, data)
         result = finetune(data.split("train"), data.split("dev"), data.split("test"),
                           args.out, cfg, base=base, origin=origin,

@@ -136,3 +136,50 @@ def test_distillation_options_are_checked(
     assert sentiment.run(_args("--data", str(TWEETS), "--out", str(out), *extra)) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_greedy_soup_keeps_what_the_dev_split_supports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    folders = []
+    for seed, lr in ((1, "1e-4"), (2, "1e-4"), (3, "1e-7")):
+        folder = tmp_path / f"seed{seed}"
+        assert sentiment.run(_args("--data", str(TWEETS), "--out", str(folder), "--epochs", "1",
+                                   "--batch-size", "16", "--lr", lr, "--seed", str(seed))) == 0
+        folders.append(folder)
+    capsys.readouterr()
+    out = tmp_path / "greedy"
+    assert sentiment.run(_args("--data", str(TWEETS), "--out", str(out), "--greedy",
+                               "--soup", *map(str, folders))) == 0
+    printed = capsys.readouterr().out
+    alone = dict(re.findall(r"greedy soup: (\S+) alone, dev macro-F1 (\d\.\d+)", printed))
+    assert set(alone) == {str(f) for f in folders}
+    order = [line.split()[2] for line in printed.splitlines()
+             if line.startswith("greedy soup: ") and " alone," in line]
+    assert [float(alone[f]) for f in order] == sorted(map(float, alone.values()), reverse=True)
+    added = re.findall(r"greedy soup: \+ (\S+): dev macro-F1 (\d\.\d+) \((kept|left out)",
+                       printed)
+    assert [f for f, _, _ in added] == order[1:]
+    chosen = [order[0]] + [f for f, _, verdict in added if verdict == "kept"]
+    best = float(alone[order[0]])
+    for _, f1, verdict in added:  # kept exactly when the soup's dev score did not fall
+        assert (float(f1) >= best) == (verdict == "kept")
+        best = max(best, float(f1)) if verdict == "kept" else best
+    name = "classifier.weight"
+    expected = np.mean([load_file(f"{f}/model.safetensors")[name].numpy() for f in chosen], 0)
+    assert np.allclose(load_file(str(out / "model.safetensors"))[name].numpy(), expected,
+                       atol=1e-6)
+    card = (out / "README.md").read_text()
+    assert (f"Training from {chosen[0]} (the greedy soup kept it alone)" in card
+            if len(chosen) == 1 else "Training from the weight average of " in card)
+
+    assert sentiment.run(_args("--data", str(TWEETS), "--out", str(out), "--greedy")) == 2
+    assert "--greedy picks among --soup folders" in capsys.readouterr().err
+    assert sentiment.run(_args("--data", str(TWEETS), "--out", str(folders[0]), "--greedy",
+                               "--soup", *map(str, folders))) == 2
+    assert "is one of the --soup folders" in capsys.readouterr().err
