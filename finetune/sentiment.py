@@ -11,7 +11,10 @@ best dev checkpoint, then the logit bias fitted on dev. ``--init FOLDER`` contin
 fine-tuned folder (whose own dev score is the checkpoint to beat); with ``--epochs 0`` it
 only refits the dev threshold and bias. ``--soup A B ...`` averages the weights of folders
 fine-tuned from the same MiniLM (a "model soup": one model, the cost of one at run time)
-and refits the dev corrections. Everything is chosen on dev; test is only reported.
+and refits the dev corrections; with ``--greedy`` only the folders the greedy-soup
+procedure keeps on dev. ``--unlabeled TWACS --teacher FOLDER`` adds unlabeled customer
+tweets with the teacher's probabilities as soft targets (distillation). Everything is
+chosen on dev; test is only reported.
 """
 
 from __future__ import annotations
