@@ -9,8 +9,9 @@ concurrency 1, 16 and 64 and for one intra-op thread and the library's default, 
 p50/p99 latency, CPU ms per message and the rate relative to torch fp32 of each variant,
 next to Hugging Face's ``pipeline("text-classification")`` called once per message (the
 baseline). Then accuracy, macro-F1 and negative precision / recall of every variant on a
-fixed sample of the test split (the first ``--sample`` test tweets in file order), and how
-many labels each shares with torch fp32. Without a fine-tuned folder (or with
+fixed sample of the test split (the first ``--sample`` test tweets in file order), how
+many labels each shares with torch fp32, and its macro-F1 gap to fp32 with a paired 95%
+bootstrap interval (how far a gap is from noise). Without a fine-tuned folder (or with
 ``--embedded``) the embedded encoder + head is measured, without the baseline and the ONNX
 variants (the ONNX runtime serves fine-tuned folders only). The ONNX files are built on
 first use and cached beside the model folder. Messages are real test tweets, so lengths

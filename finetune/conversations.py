@@ -192,7 +192,7 @@ def _csv_rows(path: Path, needed: Sequence[str]) -> Iterator[tuple[int, dict[str
             header = next(reader)
         except StopIteration:
             raise DataError(path, 1, "empty file: no header and no rows") from None
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except (csv.Error, UnicodeDecodeError, OSError, EOFError) as exc:
             raise DataError(path, 1, f"not a readable CSV file ({exc})") from None
         missing = [c for c in needed if c not in header]
         if missing:
@@ -207,7 +207,8 @@ def _csv_rows(path: Path, needed: Sequence[str]) -> Iterator[tuple[int, dict[str
                 values = next(reader)
             except StopIteration:
                 return
-            except (csv.Error, UnicodeDecodeError) as exc:
+            except (csv.Error, UnicodeDecodeError, OSError, EOFError) as exc:
+                # A truncated or corrupt .bz2 fails here (EOFError / OSError).
                 raise DataError(path, start, f"unreadable CSV record ({exc})") from None
             end = reader.line_num
             if not values:
@@ -295,8 +296,9 @@ def twacs_customer_turns(path: str | Path) -> Iterator[tuple[int, str]]:
     """Every customer turn of a TwACS file as (line, text), for unlabeled in-domain text.
 
     The anonymised handles (``__company__``, ``__cust__``) are written back as ``@user``, the
-    form the sentiment normalisation gives real handles; HTML entities are decoded. A row
-    whose markup is broken raises :class:`DataError` naming the line."""
+    form the sentiment normalisation gives real handles; the rest is left as published
+    (entities and links included) for the caller's normalisation. A row whose markup is
+    broken raises :class:`DataError` naming the line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, 0, "no such file")
@@ -308,7 +310,7 @@ def twacs_customer_turns(path: str | Path) -> Iterator[tuple[int, str]]:
             if isinstance(turns, str):
                 raise DataError(path, line, f"{column}: {turns}")
             for role, raw in turns:
-                text = _ANON.sub("@user", html.unescape(raw)).strip()
+                text = _ANON.sub("@user", raw).strip()
                 if role == "user" and text:
                     yield line, text
 

@@ -53,7 +53,7 @@ from finetune.sentiment_data import (
     tune_negative_threshold,
 )
 from finetune.sentiment_head import minilm_path
-from finetune.sentiment_unlabeled import DEFAULT_LIMIT, DEFAULT_UNLABELED, load_unlabeled
+from finetune.sentiment_unlabeled import DEFAULT_LIMIT, EXAMPLE_UNLABELED, load_unlabeled
 from finetune.tool import run_module
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class SoftLabels:
     """Unlabeled texts with a teacher's probabilities (in :data:`LABELS` order)."""
 
     texts: tuple[str, ...]
-    probabilities: tuple[tuple[float, float, float], ...]
+    probabilities: tuple[tuple[float, ...], ...]
     source: str
     """Where the texts and the teacher came from, for the model card."""
 
@@ -162,6 +162,29 @@ def teacher_labels(teacher: Path, texts: Sequence[str], source: str) -> SoftLabe
     is a decision rule fitted on dev, the targets should stay probabilities)."""
     probs = FineTuned(teacher).probabilities(texts)
     return SoftLabels(tuple(texts), tuple(tuple(map(float, p)) for p in probs), source)
+
+
+def training_targets(
+    train_set: Sequence[Example], soft: SoftLabels | None, class_weights: bool,
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Texts, target distributions and loss weights: the gold tweets one-hot, then the
+    unlabeled texts with the teacher's probabilities.
+
+    Class weights (inverse frequency) come from the gold labels; each example weighs its
+    target's expected class weight, which for a gold label is exactly torch's
+    class-weighted cross-entropy and for a soft target its blend."""
+    texts = [e.text for e in train_set]
+    labels = torch.tensor([e.label for e in train_set])
+    targets = torch.nn.functional.one_hot(labels, len(LABELS)).float()
+    if soft is not None and soft.texts:
+        texts += list(soft.texts)
+        targets = torch.cat([targets, torch.tensor(soft.probabilities, dtype=torch.float32)])
+    if class_weights:
+        counts = torch.bincount(labels, minlength=len(LABELS)).float().clamp(min=1)
+        class_weight = len(labels) / (len(LABELS) * counts)
+    else:
+        class_weight = torch.ones(len(LABELS))
+    return texts, targets, targets @ class_weight
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,12 +299,7 @@ def finetune(
         id2label=dict(enumerate(LABELS)),
         label2id={name: i for i, name in enumerate(LABELS)},
     )
-    texts = [e.text for e in train_set]
-    labels = torch.tensor([e.label for e in train_set])
-    targets = torch.nn.functional.one_hot(labels, len(LABELS)).float()
-    if soft is not None and soft.texts:
-        texts += list(soft.texts)
-        targets = torch.cat([targets, torch.tensor(soft.probabilities, dtype=torch.float32)])
+    texts, targets, example_weight = training_targets(train_set, soft, cfg.class_weights)
     encoded = tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
     lengths = [len(ids) for ids in encoded]
     rng = random.Random(cfg.seed)
@@ -299,14 +317,6 @@ def finetune(
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.warmup * total_steps), max(1, total_steps)
     )
-    if cfg.class_weights:
-        counts = torch.bincount(labels, minlength=len(LABELS)).float().clamp(min=1)
-        class_weight = len(labels) / (len(LABELS) * counts)
-    else:
-        class_weight = torch.ones(len(LABELS))
-    # Each example weighs its target's expected class weight: for a gold label exactly
-    # torch's class-weighted cross-entropy, for a teacher's soft target its blend.
-    example_weight = targets @ class_weight
     dev_texts = [e.text for e in dev_set]
     dev_gold = [e.label for e in dev_set]
 
@@ -434,17 +444,20 @@ def greedy_soup(
 ) -> list[Path]:
     """The ingredients Wortsman et al.'s greedy soup keeps: sorted by their own dev
     macro-F1 (after their dev corrections, the service's rule), each added only if the
-    soup's does not fall. A fixed procedure, so which seeds ship is not picked by hand."""
+    soup's does not fall; equal scores keep the command-line order. A fixed procedure, so
+    which seeds ship is not picked by hand."""
     import tempfile
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     texts, gold = [e.text for e in dev_set], [e.label for e in dev_set]
 
-    def dev_f1(folder: Path) -> float:
+    for folder in folders:
         if not (folder / WEIGHTS).is_file() or not (folder / "config.json").is_file():
             raise DataError(f"--soup {folder}: not a fine-tuned model folder "
                             f"(no {WEIGHTS} or config.json)")
+
+    def dev_f1(folder: Path) -> float:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         model = AutoModelForSequenceClassification.from_pretrained(str(folder))
         return fit_on_dev(gold, _probabilities(model, tokenizer, texts, 64).tolist()
@@ -481,6 +494,8 @@ def model_card(r: FineTuneResult, cfg: TrainConfig, n_train: int, n_dev: int) ->
         " (no bias on the grid kept both limits on dev, so none is applied)")
     distilled = (f" and {r.soft_count} unlabeled texts with soft targets ({r.soft_source})"
                  if r.soft_count else "")
+    twacs = (", and so are the unlabeled TwACS customer tweets (from Kaggle's Customer "
+             "Support on Twitter)" if r.soft_count else "")
     confusion = ""
     if r.test_bias is not None:
         head = "| true \\ predicted | " + " | ".join(LABELS) + " |\n|---|---:|---:|---:|\n"
@@ -531,8 +546,8 @@ Training from {r.start}: {n_train} tweets{distilled},
 batch {cfg.batch_size}, lr {cfg.lr}, weight decay {cfg.weight_decay}, warmup {cfg.warmup},
 max_length {MAX_LENGTH}, class-weighted loss {cfg.class_weights}, seed {cfg.seed}.
 
-Data license: the tweets are CC BY-NC-SA 4.0 (CrowdFlower "Data for Everyone"); this model
-is trained on them and is for non-commercial use.
+Data license: the tweets are CC BY-NC-SA 4.0 (CrowdFlower "Data for Everyone"){twacs};
+this model is trained on them and is for non-commercial use.
 """
 
 
@@ -556,11 +571,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="start from this fine-tuned folder instead of the base MiniLM")
     parser.add_argument("--unlabeled", type=Path, default=None, metavar="PATH",
                         help="TwACS customer tweets (csv or csv.bz2) to distil --teacher into "
-                             f"the student, e.g. {DEFAULT_UNLABELED}")
+                             f"the student, e.g. {EXAMPLE_UNLABELED}")
     parser.add_argument("--teacher", type=Path, default=None, metavar="FOLDER",
                         help="fine-tuned folder whose probabilities label --unlabeled")
     parser.add_argument("--unlabeled-limit", type=int, default=DEFAULT_LIMIT,
-                        help="fixed-seed sample of this many unlabeled texts (0: all)")
+                        help="a sample of this many unlabeled texts, fixed by --seed (0: all)")
     parser.add_argument("--soup", type=Path, nargs="+", default=None, metavar="FOLDER",
                         help="average these fine-tuned folders' weights into --out and refit "
                              "the dev corrections (no training)")
@@ -569,20 +584,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "picks on dev")
 
 
-def _soft_labels(args: argparse.Namespace, data: Dataset) -> SoftLabels | None:
-    """The teacher-labelled unlabeled texts that ``--unlabeled``/``--teacher`` ask for."""
+def _check_options(args: argparse.Namespace) -> None:
+    """Every option conflict, before anything is read, trained or written."""
+    if args.greedy and not args.soup:
+        raise DataError("--greedy picks among --soup folders: pass --soup A B ...")
     if (args.unlabeled is None) != (args.teacher is None):
         raise DataError("--unlabeled and --teacher go together: the teacher labels the texts")
+    if args.soup:
+        if args.init is not None:
+            raise DataError("--soup and --init exclude each other: the soup is the start")
+        if args.unlabeled is not None:
+            raise DataError("--soup trains nothing: it cannot take --unlabeled/--teacher")
+        if len(args.soup) < 2:
+            raise DataError("--soup needs at least two fine-tuned folders")
+        if len({folder.resolve() for folder in args.soup}) < len(args.soup):
+            raise DataError("--soup names a folder twice")
+        _check_soup_out(args.soup, args.out)
+    elif args.unlabeled is not None and args.epochs <= 0:
+        raise DataError("--epochs 0 trains nothing: it cannot take --unlabeled/--teacher")
+
+
+def _soft_labels(args: argparse.Namespace, data: Dataset) -> SoftLabels | None:
+    """The teacher-labelled unlabeled texts that ``--unlabeled``/``--teacher`` ask for."""
     if args.unlabeled is None:
         return None
-    if args.soup:
-        raise DataError("--soup trains nothing: it cannot take --unlabeled/--teacher")
     held_out = [e.text for e in data.split("dev") + data.split("test")]
     unlabeled = load_unlabeled(args.unlabeled, held_out, args.unlabeled_limit, args.seed)
     print(f"{len(unlabeled.texts)} unlabeled texts from {unlabeled.path} "
-          f"({unlabeled.turns_read} customer turns, {unlabeled.duplicates} duplicates, "
-          f"{unlabeled.held_out_dropped} equal to a dev/test tweet dropped); "
-          f"labelling them with {args.teacher}", flush=True)
+          f"({unlabeled.turns_read} customer turns: {unlabeled.without_words} without words, "
+          f"{unlabeled.duplicates} duplicates, {unlabeled.held_out_dropped} equal to a "
+          f"dev/test tweet); labelling them with {args.teacher}", flush=True)
     return teacher_labels(args.teacher, unlabeled.texts,
                           f"{unlabeled.path}, labelled by {args.teacher}")
 
@@ -594,16 +625,14 @@ def run(args: argparse.Namespace) -> int:
         patience=args.patience, max_minutes=args.max_minutes,
         class_weights=not args.no_class_weights, seed=args.seed, threads=args.threads,
     )
+    if cfg.threads:  # also for the teacher's labelling and the greedy soup's evaluations
+        torch.set_num_threads(cfg.threads)
     base, origin = args.init, None
     try:
+        _check_options(args)
         data = load(args.data)
-        if args.greedy and not args.soup:
-            raise DataError("--greedy picks among --soup folders: pass --soup A B ...")
         if args.soup:
-            if args.init is not None:
-                raise DataError("--soup and --init exclude each other: the soup is the start")
             folders = list(args.soup)
-            _check_soup_out(folders, args.out)
             if args.greedy:
                 folders = greedy_soup(folders, data.split("dev"),
                                       log=lambda line: print(line, flush=True))

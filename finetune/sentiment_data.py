@@ -225,6 +225,8 @@ def bootstrap_macro_f1(
 
     if len(gold) != len(predicted) or (baseline is not None and len(baseline) != len(gold)):
         raise ValueError("gold labels and predictions differ in length")
+    if not gold:
+        raise ValueError("no labelled texts to resample")
     idx = np.random.default_rng(seed).integers(0, len(gold), size=(resamples, len(gold)))
     g = np.asarray(gold)[idx]
     values = _macro_f1_rows(g, np.asarray(predicted)[idx])

@@ -1,4 +1,4 @@
-"""In-domain unlabeled customer tweets for distilling the sentiment model (self-training).
+"""In-domain unlabeled customer tweets for distilling a sentiment teacher into a student.
 
 The airline data set has about 11,700 labelled training tweets; TwACS holds tens of
 thousands of customer tweets to airlines that nobody labelled. A fine-tuned teacher labels
@@ -18,7 +18,7 @@ from pathlib import Path
 from finetune import conversations
 from finetune.sentiment_data import DataError, normalize
 
-DEFAULT_UNLABELED = Path("../shared/data/twacs-dialogs/airlines_dev.csv.bz2")
+EXAMPLE_UNLABELED = Path("../shared/data/twacs-dialogs/airlines_dev.csv.bz2")
 DEFAULT_LIMIT = 24_000
 
 
@@ -29,6 +29,7 @@ class Unlabeled:
     path: Path
     texts: tuple[str, ...]
     turns_read: int
+    without_words: int
     duplicates: int
     held_out_dropped: int
 
@@ -47,18 +48,19 @@ def load_unlabeled(
     if limit < 0:
         raise DataError(f"--unlabeled-limit must be >= 0, not {limit}")
     if not path.is_file():
-        raise DataError(f"unlabeled data {path} not found: pass --unlabeled PATH "
-                        "(TwACS airlines_dev.csv.bz2 from ../shared/data/twacs-dialogs)")
+        raise DataError(f"unlabeled data {path} not found: check --unlabeled (the TwACS file "
+                        f"is {EXAMPLE_UNLABELED})")
     banned = {_key(t) for t in held_out}
     seen: set[str] = set()
     texts: list[str] = []
-    read = duplicates = dropped = 0
+    read = without_words = duplicates = dropped = 0
     try:
         for _, raw in conversations.twacs_customer_turns(path):
             read += 1
             text = normalize(raw)
             key = _key(text)
             if not any(ch.isalpha() for ch in key.replace("@user", "")):
+                without_words += 1
                 continue
             if key in banned:
                 dropped += 1
@@ -73,4 +75,4 @@ def load_unlabeled(
         raise DataError(f"{path}: no customer turns with text")
     if limit and len(texts) > limit:
         texts = random.Random(seed).sample(texts, limit)
-    return Unlabeled(path, tuple(texts), read, duplicates, dropped)
+    return Unlabeled(path, tuple(texts), read, without_words, duplicates, dropped)

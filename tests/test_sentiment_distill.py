@@ -31,6 +31,7 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_unlabeled_texts_are_the_customer_turns_normalised() -> None:
     got = load_unlabeled(TWACS, held_out=[])
     assert got.turns_read == CUSTOMER_TURNS and len(got.texts) == CUSTOMER_TURNS
+    assert got.without_words == got.duplicates == got.held_out_dropped == 0
     assert "@user love the new seats & the free wifi!" in got.texts  # entity decoded
     assert "@user why is DL455 delayed again?? @user" in got.texts  # @44120 is a handle
     assert "@user my bag never arrived in Denver http" in got.texts  # link as in training
@@ -45,10 +46,13 @@ def test_held_out_tweets_and_duplicates_are_dropped(tmp_path: Path) -> None:
     text = TWACS.read_text(encoding="utf-8")
     doubled = tmp_path / "doubled.csv.bz2"
     rows = text.splitlines()
-    doubled.write_bytes(bz2.compress(("\n".join([*rows, rows[4]]) + "\n").encode()))
+    wordless = "2001,UNK,<cust__  __company__  !!! ?? __cust>,"
+    doubled.write_bytes(bz2.compress(("\n".join([*rows, rows[4], wordless]) + "\n").encode()))
     got = load_unlabeled(doubled, held_out=["@USER   Anyone there?", "not in the file"])
     assert got.duplicates == 1
     assert got.held_out_dropped == 1
+    assert got.without_words == 1
+    assert got.turns_read == CUSTOMER_TURNS + 2
     assert "@user anyone there?" not in got.texts
     assert len(got.texts) == CUSTOMER_TURNS - 1
 
@@ -62,7 +66,7 @@ def test_the_sample_is_fixed_by_the_seed() -> None:
 
 
 def test_bad_unlabeled_files_name_the_file_and_line(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"no-such\.csv not found: pass --unlabeled PATH"):
+    with pytest.raises(DataError, match=r"no-such\.csv not found: check --unlabeled"):
         load_unlabeled(tmp_path / "no-such.csv", [])
     broken = tmp_path / "broken.csv"
     broken.write_text("first_tweet_id,tag,first_utterance,context\n"
@@ -77,6 +81,15 @@ def test_bad_unlabeled_files_name_the_file_and_line(tmp_path: Path) -> None:
         load_unlabeled(header_only, [])
     with pytest.raises(DataError, match="--unlabeled-limit must be >= 0"):
         load_unlabeled(TWACS, [], limit=-1)
+    truncated = tmp_path / "cut.csv.bz2"
+    packed = bz2.compress(TWACS.read_bytes())
+    truncated.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(DataError, match=r"cut\.csv\.bz2:1: not a readable CSV file \(Compr"):
+        load_unlabeled(truncated, [])
+    garbage = tmp_path / "garbage.csv.bz2"
+    garbage.write_bytes(b"this is not bzip2 at all")
+    with pytest.raises(DataError, match=r"garbage\.csv\.bz2:1: not a readable CSV file"):
+        load_unlabeled(garbage, [])
 
 
 def test_soft_cross_entropy_is_weighted_cross_entropy_for_gold_labels() -> None:
@@ -95,6 +108,25 @@ def test_soft_cross_entropy_is_weighted_cross_entropy_for_gold_labels() -> None:
         for row, probs, w in zip(soft, torch.softmax(logits, -1), weight, strict=True)
     ) / float(weight.sum())
     assert sentiment._soft_cross_entropy(logits, soft, weight).item() == pytest.approx(by_hand)
+
+
+def test_training_targets_put_the_teachers_probabilities_beside_the_gold_labels() -> None:
+    gold = [sentiment.Example(i, f"t{i}", label, 1.0, "", "x")
+            for i, label in enumerate([0, 0, 0, 1, 2, 2])]
+    soft = sentiment.SoftLabels(("u1", "u2"), ((0.6, 0.3, 0.1), (0.0, 0.0, 1.0)), "fixture")
+    texts, targets, weight = sentiment.training_targets(gold, soft, class_weights=True)
+    assert texts == ["t0", "t1", "t2", "t3", "t4", "t5", "u1", "u2"]
+    assert targets[:6].argmax(-1).tolist() == [0, 0, 0, 1, 2, 2]
+    assert torch.allclose(targets[6:], torch.tensor([[0.6, 0.3, 0.1], [0.0, 0.0, 1.0]]))
+    class_weight = [6 / (3 * 3), 6 / (3 * 1), 6 / (3 * 2)]  # from the gold labels only
+    assert weight[:6].tolist() == pytest.approx([class_weight[g.label] for g in gold])
+    assert weight[6].item() == pytest.approx(
+        0.6 * class_weight[0] + 0.3 * class_weight[1] + 0.1 * class_weight[2])
+    assert weight[7].item() == pytest.approx(class_weight[2])
+    _, _, flat = sentiment.training_targets(gold, soft, class_weights=False)
+    assert flat.tolist() == pytest.approx([1.0] * 8)
+    texts, targets, _ = sentiment.training_targets(gold, None, class_weights=True)
+    assert len(texts) == len(targets) == 6
 
 
 def test_finetune_distils_a_teacher_on_unlabeled_tweets(
@@ -128,6 +160,15 @@ def test_finetune_distils_a_teacher_on_unlabeled_tweets(
     (["--unlabeled", str(TWACS)], "--unlabeled and --teacher go together"),
     (["--teacher", "somewhere"], "--unlabeled and --teacher go together"),
     (["--unlabeled", "missing.csv", "--teacher", "somewhere"], "missing.csv not found"),
+    (["--unlabeled", str(TWACS), "--teacher", "no-such-folder"],
+     "no-such-folder: not a fine-tuned model folder"),
+    (["--unlabeled", str(TWACS), "--teacher", "t", "--epochs", "0", "--init", "i"],
+     "--epochs 0 trains nothing"),
+    (["--unlabeled", str(TWACS), "--teacher", "t", "--soup", "a", "b"],
+     "--soup trains nothing"),
+    (["--soup", "a"], "--soup needs at least two fine-tuned folders"),
+    (["--soup", "a", "b", "a", "--greedy"], "--soup names a folder twice"),
+    (["--soup", "a", "no-such-b", "--greedy"], "--soup a: not a fine-tuned model folder"),
 ])
 def test_distillation_options_are_checked(
     extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

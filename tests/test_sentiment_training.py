@@ -340,6 +340,8 @@ def test_bootstrap_interval_of_macro_f1_and_of_a_paired_difference() -> None:
     assert long_high - long_low < (high - low) / 2  # ten times the tweets, a narrower interval
     with pytest.raises(ValueError, match="differ in length"):
         bootstrap_macro_f1(gold, noisy[:-1])
+    with pytest.raises(ValueError, match="no labelled texts"):
+        bootstrap_macro_f1([], [])
 
 
 def test_logit_scale_recovers_the_temperature_of_flattened_probabilities() -> None:
