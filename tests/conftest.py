@@ -16,6 +16,11 @@ import pytest
 
 from core.config import Settings, parse_settings
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run",
+]
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("SUPPORTBOT_TEST_DATA_DIR", REPO / "data"))
 OPERATOR_TOKEN = "test-operator-token"
@@ -33,6 +38,21 @@ def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return parse_settings(base, "test settings")
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    """Debian's headless Chromium driven by Playwright, one per test module."""
+    from playwright.async_api import async_playwright
+
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: install the Debian package chromium (make test does)")
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
 
 
 @pytest.fixture

@@ -7,23 +7,16 @@ other conversations go straight to a person so they cost no generation time.
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
+from playwright.async_api import BrowserContext, Page, expect
 
 from tests.conftest import OPERATOR_TOKEN
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run",
-]
 MARKUP = "<img src=x onerror=alert(1)>"
 REPLY_TIMEOUT_MS = 150_000  # one real reply on two busy CPU cores
 # Live updates wait on a sentiment score; still shorter than the console's 10 s poll, so a
@@ -41,18 +34,6 @@ new MutationObserver(() => {
   if (text && text !== "\u2026" && seen[seen.length - 1] !== text) seen.push(text);
 }).observe(document, { subtree: true, childList: true, characterData: true });
 """
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: install the Debian package chromium (make test does)")
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 class Tab:

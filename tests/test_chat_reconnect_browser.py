@@ -10,16 +10,15 @@ A reply sent while the server reads the transcript for a reconnecting tab shows 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from core.store import SQLiteStore
 from tests.conftest import Desk, wait_for
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, Tab
+from tests.test_browser import Tab
 from tests.test_end_to_end import operator_headers
 
 pytestmark = pytest.mark.browser
@@ -60,38 +59,51 @@ TYPED_OFFLINE = "Are you still there?"
 THANKS = "Thanks"
 
 
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
-
-
 async def _texts(page: Page, selector: str) -> list[str]:
     return [t.strip() for t in await page.locator(selector).all_text_contents()]
 
 
-async def test_a_reply_sent_while_the_tab_was_away_shows_once_after_reconnect(
-    desk: Desk, browser: Browser
-) -> None:
+async def _chat_tab(desk: Desk, browser: Browser, first: str) -> tuple[BrowserContext, Tab, str]:
+    """A new tab on the flaky network whose customer said ``first`` and has the bot's
+    answer; its context, the tab and the chat session id."""
     context = await browser.new_context()
     await context.add_init_script(FLAKY_NETWORK)
     tab = Tab(await context.new_page())
     page = tab.page
     await page.goto(f"{desk.base}/")
-    connected = page.locator("body")
-    await expect(connected).to_have_attribute("data-connected", "1")
+    await expect(page.locator("body")).to_have_attribute("data-connected", "1")
     session = await page.evaluate("localStorage.getItem('supportbot.session')")
-
-    await page.fill("#input", QUESTION)
+    await page.fill("#input", first)
     await page.press("#input", "Enter")
     await expect(page.locator("#log .msg.bot .text")).to_have_text(
         [desk.generator.answer], timeout=60_000)
+    return context, tab, session
+
+
+async def _ask_for_a_person(page: Page) -> None:
     await page.click("#human")
     await expect(page.locator("#log .msg.system")).to_have_count(1, timeout=30_000)
+
+
+async def _reconnect_and_redraw(page: Page) -> None:
+    """Drop the socket and wait until the page's reconnect has redrawn the log (a marker
+    element is gone)."""
+    await page.evaluate("""() => {
+      const stale = document.createElement("div");
+      stale.id = "stale";
+      document.getElementById("log").appendChild(stale);
+      window.__sockets.at(-1).close();
+    }""")
+    await expect(page.locator("#stale")).to_have_count(0, timeout=20_000)
+
+
+async def test_a_reply_sent_while_the_tab_was_away_shows_once_after_reconnect(
+    desk: Desk, browser: Browser
+) -> None:
+    context, tab, session = await _chat_tab(desk, browser, QUESTION)
+    page = tab.page
+    connected = page.locator("body")
+    await _ask_for_a_person(page)
     system_text = (await _texts(page, "#log .msg.system .text"))[0]
 
     # The network goes down: the socket closes and reconnects fail.
@@ -138,13 +150,7 @@ async def test_a_reply_sent_while_the_tab_was_away_shows_once_after_reconnect(
 
     # A second drop and reconnect with nothing new redraws the same chat, not a copy of it.
     before = await _texts(page, "#log .msg .text")
-    await page.evaluate("""() => {
-      const stale = document.createElement("div");
-      stale.id = "stale";  // gone once the hello frame has redrawn the log
-      document.getElementById("log").appendChild(stale);
-      window.__sockets.at(-1).close();
-    }""")
-    await expect(page.locator("#stale")).to_have_count(0, timeout=20_000)
+    await _reconnect_and_redraw(page)
     await expect(page.locator("#log .msg .text")).to_have_text(before)
     tab.assert_clean()
     await context.close()
@@ -159,16 +165,8 @@ async def _stored_in(desk: Desk, text: str) -> bool:
 async def test_a_message_stored_before_its_ack_was_lost_is_shown_once_after_reconnect(
     desk: Desk, browser: Browser
 ) -> None:
-    context = await browser.new_context()
-    await context.add_init_script(FLAKY_NETWORK)
-    tab = Tab(await context.new_page())
+    context, tab, _ = await _chat_tab(desk, browser, QUESTION)
     page = tab.page
-    await page.goto(f"{desk.base}/")
-    await expect(page.locator("body")).to_have_attribute("data-connected", "1")
-    await page.fill("#input", QUESTION)
-    await page.press("#input", "Enter")
-    await expect(page.locator("#log .msg.bot .text")).to_have_text(
-        [desk.generator.answer], timeout=60_000)
 
     await page.evaluate("window.__loseAcks = true")
     await page.fill("#input", TYPED_OFFLINE)
@@ -176,14 +174,8 @@ async def test_a_message_stored_before_its_ack_was_lost_is_shown_once_after_reco
     await wait_for(lambda: _stored_in(desk, TYPED_OFFLINE), 30)
     await expect(page.locator("#log .msg.bot .text")).to_have_text(
         [desk.generator.answer] * 2, timeout=60_000)
-    await page.evaluate("""() => {
-      window.__loseAcks = false;
-      const stale = document.createElement("div");
-      stale.id = "stale";  // gone once the hello frame has redrawn the log
-      document.getElementById("log").appendChild(stale);
-      window.__sockets.at(-1).close();
-    }""")
-    await expect(page.locator("#stale")).to_have_count(0, timeout=20_000)
+    await page.evaluate("window.__loseAcks = false")
+    await _reconnect_and_redraw(page)
     # The transcript names the unacknowledged message by its id: it is not sent again ...
     sent = await page.evaluate(
         f"window.__sent.filter(f => f.text === {TYPED_OFFLINE!r}).length")
@@ -220,17 +212,8 @@ async def test_the_same_text_typed_again_offline_is_shown_and_sent(
 ) -> None:
     """Only the first "Thanks" was stored when the tab reconnects: the second is the tab's
     own (another client id), so it is drawn again and sent, not taken for the first."""
-    context = await browser.new_context()
-    await context.add_init_script(FLAKY_NETWORK)
-    tab = Tab(await context.new_page())
+    context, tab, session = await _chat_tab(desk, browser, THANKS)
     page = tab.page
-    await page.goto(f"{desk.base}/")
-    await expect(page.locator("body")).to_have_attribute("data-connected", "1")
-    session = await page.evaluate("localStorage.getItem('supportbot.session')")
-    await page.fill("#input", THANKS)
-    await page.press("#input", "Enter")
-    await expect(page.locator("#log .msg.bot .text")).to_have_text(
-        [desk.generator.answer], timeout=60_000)
 
     await _offline_then_back(page, desk, session, THANKS)
     await expect(page.locator("#log .msg.customer .text")).to_have_text([THANKS, THANKS])
@@ -255,18 +238,9 @@ async def test_a_reply_sent_while_the_transcript_is_read_shows_once(
     """An operator answers while the server reads the transcript for a reconnecting tab:
     first just after it was read (the answer is not in it), then just before (it is in it
     and also broadcast to the new socket). Each time the tab shows the answer once."""
-    context = await browser.new_context()
-    await context.add_init_script(FLAKY_NETWORK)
-    tab = Tab(await context.new_page())
+    context, tab, _ = await _chat_tab(desk, browser, QUESTION)
     page = tab.page
-    await page.goto(f"{desk.base}/")
-    await expect(page.locator("body")).to_have_attribute("data-connected", "1")
-    await page.fill("#input", QUESTION)
-    await page.press("#input", "Enter")
-    await expect(page.locator("#log .msg.bot .text")).to_have_text(
-        [desk.generator.answer], timeout=60_000)
-    await page.click("#human")
-    await expect(page.locator("#log .msg.system")).to_have_count(1, timeout=30_000)
+    await _ask_for_a_person(page)
 
     http = aiohttp.ClientSession()
     resp = await http.get(f"{desk.base}/api/operator/tickets", headers=operator_headers())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
@@ -15,25 +14,15 @@ import aiohttp
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.async_api import Browser, Route, async_playwright, expect
+from playwright.async_api import Browser, Route, expect
 
 from core import analytics, report
 from tests.conftest import OPERATOR_TOKEN, SEEDED, Desk, seed_history
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, Tab, open_console
+from tests.test_browser import Tab, open_console
 from tests.test_customer_links import seed_conversation
 from tests.test_end_to_end import Customer
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 async def test_console_queue_claim_reply_resolve_draft_history_and_report(

@@ -279,6 +279,14 @@ async def test_message_not_accepted_while_disk_full_then_accepted_on_retry(
         assert reply["text"].strip()
 
 
+async def _accepted_then_apologised(tab: Tab, text: str) -> None:
+    """The customer says ``text``: it is acknowledged, then the store-failure apology comes."""
+    client_id = await tab.say(text)
+    assert (await tab.until(lambda f: f.get("id") == client_id))["type"] == "ack"
+    apology = await tab.until(lambda f: f["type"] in ("message", "reply"), timeout=30)
+    assert apology["text"] == STORE_FALLBACK_TEXT
+
+
 async def test_disk_full_before_the_reply_apologises_then_answers_when_it_ends(
     flaky_service: Service,
 ) -> None:
@@ -287,10 +295,7 @@ async def test_disk_full_before_the_reply_apologises_then_answers_when_it_ends(
     async with aiohttp.ClientSession() as http:
         tab = await _tab(http, flaky_service, "disk-full-processing")
         store.arm_after_inbound = FULL
-        client_id = await tab.say("How long does delivery take?")
-        assert (await tab.until(lambda f: f.get("id") == client_id))["type"] == "ack"
-        apology = await tab.until(lambda f: f["type"] in ("message", "reply"), timeout=30)
-        assert apology["text"] == STORE_FALLBACK_TEXT
+        await _accepted_then_apologised(tab, "How long does delivery take?")
         assert _value("supportbot_store_fallbacks_total") == apologies + 1
         errors = _value("supportbot_store_errors_total", kind="full")
         # Still full: the healer keeps trying (more errors), and nothing reaches the tab.
@@ -348,10 +353,7 @@ async def test_disk_full_for_writes_only_apologises_once_then_answers(
     async with aiohttp.ClientSession() as http:
         tab = await _tab(http, writes_fail_service, "writes-fail")
         store.arm_writes_after_inbound = True
-        client_id = await tab.say("How long does delivery take?")
-        assert (await tab.until(lambda f: f.get("id") == client_id))["type"] == "ack"
-        apology = await tab.until(lambda f: f["type"] in ("message", "reply"), timeout=30)
-        assert apology["text"] == STORE_FALLBACK_TEXT
+        await _accepted_then_apologised(tab, "How long does delivery take?")
         errors = _value("supportbot_store_errors_total", kind="full")
         with pytest.raises(TimeoutError):  # one apology, however long the disk stays full
             await tab.until(lambda f: True, timeout=4.5)

@@ -19,8 +19,7 @@ from adapters.web import MAX_JSON_DEPTH, MAX_OPERATOR_BODY, WebAdapter
 from core.config import WebSettings
 from core.messages import Reply, Sender
 from core.recommender import RankedSuggestion
-from tests.conftest import SEEDED, Desk, seed_history, wait_for
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, SEEDED, Desk, seed_history, wait_for
 from tests.test_end_to_end import Customer, operator_headers
 
 
