@@ -119,6 +119,15 @@ def history_json(history: CustomerHistory) -> dict[str, Any]:
     }
 
 
+REPLY_PREFIX = "web-"
+"""A bot reply's stored platform id is this plus the id its frames carry, so a reconnecting
+tab's transcript can name the reply it already drew."""
+
+
+def platform_reply_id(reply_id: str) -> str:
+    return f"{REPLY_PREFIX}{reply_id}"
+
+
 class _WebReply(ReplyStream):
     __slots__ = ("_adapter", "_id", "_key")
 
@@ -137,7 +146,7 @@ class _WebReply(ReplyStream):
 
     async def finish(self, reply: Reply) -> str:
         await self._adapter.broadcast(self._key, self._adapter.reply_json(reply, self._id))
-        return f"web-{self._id}"
+        return platform_reply_id(self._id)
 
     async def abort(self) -> None:
         await self._adapter.broadcast(self._key, {"type": "abort", "reply": self._id})
@@ -289,7 +298,7 @@ class WebAdapter(Adapter, CustomerChannel):
     async def deliver(self, conversation_key: str, reply: Reply) -> str:
         reply_id = uuid.uuid4().hex[:12]
         await self.broadcast(conversation_key, self.reply_json(reply, reply_id))
-        return f"web-{reply_id}"
+        return platform_reply_id(reply_id)
 
     @staticmethod
     def reply_json(reply: Reply, reply_id: str) -> dict[str, Any]:
@@ -406,8 +415,8 @@ class WebAdapter(Adapter, CustomerChannel):
             pid = line.platform_message_id or ""
             if line.direction == "in" and pid.startswith(f"{session}:"):
                 item["id"] = pid[len(session) + 1:]
-            elif line.direction == "out" and pid.startswith("web-"):
-                item["reply"] = pid[len("web-"):]
+            elif line.direction == "out" and pid.startswith(REPLY_PREFIX):
+                item["reply"] = pid[len(REPLY_PREFIX):]
             lines.append(item)
         return lines
 
