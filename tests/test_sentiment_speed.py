@@ -147,14 +147,18 @@ async def test_onnx_finetuned_labels_match_torch(tuned_folder: Path, quantize: s
 
 
 def test_onnx_cache_follows_the_folder(tuned_folder: Path, tmp_path: Path) -> None:
-    """The same folder gets a new file when its config or its weights change, so a refit
-    or a retraining is never served from a stale export."""
+    """The same folder gets a new file when what the graph is built from (its config or
+    its weights) changes, so a retraining is never served from a stale export; refitting
+    only the dev corrections, applied after the graph, keeps the file."""
     copy = _with_bias(tuned_folder, tmp_path / "copy", [0.0, 0.0, 0.0])
     first = onnx_cache_path(copy, "int8")
     assert first == onnx_cache_path(copy, "int8")
     assert first.name.startswith("int8-") and onnx_cache_path(copy, "none") != first
     config = json.loads((copy / "config.json").read_text())
-    config["logit_bias"] = [0.0, 0.0, 0.1]
+    config.update(logit_bias=[0.0, 0.0, 0.1], logit_scale=2.5, negative_threshold=0.4)
+    (copy / "config.json").write_text(json.dumps(config, indent=1))
+    assert onnx_cache_path(copy, "int8") == first
+    config["hidden_dropout_prob"] = 0.2
     (copy / "config.json").write_text(json.dumps(config))
     refit = onnx_cache_path(copy, "int8")
     assert refit != first
