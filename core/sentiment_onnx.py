@@ -35,7 +35,9 @@ def onnx_cache_path(folder: Path, quantize: str) -> Path:
     itself is left as training wrote it), named by a key of everything the file depends
     on, so retraining or upgrading torch / onnxruntime builds a fresh one. config.json is
     in the key except the dev-fitted corrections (:data:`OUTSIDE_GRAPH`), which the
-    classifier applies to the logits after the graph: refitting only those reuses the file."""
+    classifier applies to the logits after the graph: editing only those in config.json
+    reuses the file. Weights are keyed by size and modification time, so a ``finetune``
+    refit (which writes the weights again) still rebuilds."""
     import onnxruntime
     import torch
 
