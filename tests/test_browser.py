@@ -214,3 +214,40 @@ async def test_markup_from_customers_and_operators_is_shown_as_text(web_service,
         tab.assert_clean()
     await customer_ctx.close()
     await operator_ctx.close()
+
+
+async def test_console_catches_up_when_its_live_connection_subscribes(
+    web_service, browser
+) -> None:
+    """A ticket opened before the console's WebSocket was subscribed (first connect or a
+    reconnect) gets no push; the console shows it as soon as the socket is ready, not at
+    its next 10 s poll."""
+    import json
+    import time
+
+    base = base_url(web_service)
+    customer_ctx, operator_ctx = await browser.new_context(), await browser.new_context()
+    held: list[Any] = []
+
+    def hold(ws: Any) -> None:  # the page's socket opens, to nothing: no server behind it
+        held.append(ws)
+
+    await operator_ctx.route_web_socket("**/api/operator/ws", hold)
+    chat = await open_chat(customer_ctx, base)
+    console = await open_console(operator_ctx, base)
+    started = time.monotonic()
+    op = console.page
+    ticket = op.locator("#tickets li.ticket")
+    await escalate(chat)
+    await op.wait_for_timeout(500)
+    assert await ticket.count() == 0  # the push had no subscribed socket to go to
+    assert len(held) == 1
+    server = held[0].connect_to_server()  # the network is back: subscribe for real
+    server.send(json.dumps({"token": OPERATOR_TOKEN}))
+    assert time.monotonic() - started < 6, "too slow to tell the catch-up from the poll"
+    await expect(ticket).to_have_count(1, timeout=3_000)
+    await expect(ticket).to_contain_text("customer requested")
+    chat.assert_clean()
+    console.assert_clean()
+    await customer_ctx.close()
+    await operator_ctx.close()

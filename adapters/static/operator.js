@@ -269,6 +269,11 @@
       if (f.type === "ticket_opened" || f.type === "ticket_updated") {
         refreshQueue();
         if (current && f.ticket.id === current.id) open(current.id);
+      } else if (f.type === "ready") {
+        // Subscribed: catch up on what changed since the last load (first connect or a
+        // reconnect), which no push will repeat.
+        refreshQueue().catch(() => {});
+        if (current) open(current.id);
       } else if (f.type === "report") {
         showReport(f.report);
       }
