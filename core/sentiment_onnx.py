@@ -61,9 +61,9 @@ def build_onnx(folder: Path, out: Path, quantize: str) -> None:
     More matmuls are int8 here than in :func:`int8_layers` (see :func:`onnx_float_nodes`):
     ORT's int8 kernels are where its speed comes from, and with only the first block's
     feed-forward output in float they keep 99% of fp32's labels on the test tweets
-    (macro-F1 within 0.004; see the README). The fp32
-    export is checked against torch before anything is written, so a wrong graph (inputs
-    bound to the wrong names, say) never gets cached.
+    (macro-F1 within 0.004; see the README). The fp32 export is checked against torch
+    before anything is written, so a wrong graph (inputs bound to the wrong names, say)
+    never gets cached.
     """
     import warnings
 
@@ -143,9 +143,10 @@ def build_onnx(folder: Path, out: Path, quantize: str) -> None:
 
 ONNX_FLOAT_FFN_LAYERS = (0,)
 """Blocks whose feed-forward output projection the ONNX int8 path leaves in float. Chosen
-on dev with the shipped model: the first block's (its GELU output has the outliers that
-per-batch activation scaling handles worst) recovers dev macro-F1 0.811 → 0.820 (fp32
-0.821) for 6% of the speed; keeping every block's, as torch int8 does, cost 30%."""
+on dev with the soup of seeds 0-2 (the model shipped then): the first block's (its GELU
+output has the outliers that per-batch activation scaling handles worst) recovers dev
+macro-F1 0.811 → 0.820 (fp32 0.821) for 6% of the speed; keeping every block's, as torch
+int8 does, cost 30%."""
 
 
 def onnx_float_nodes(graph_model: Any) -> list[str]:
