@@ -32,22 +32,21 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import discord
 import yarl
 from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
-from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
+from core.adapter import Adapter
+from core.channels import CustomerChannel, OperatorChannel, ReplyStream
 from core.config import DiscordSettings
 from core.messages import Inbound, Kind, Reply, Sender, User
 from core.operators import ACTION_FAILED_TEXT, Operator, OperatorError
+from core.pipeline import Pipeline
 from core.store import StoreError
-
-if TYPE_CHECKING:
-    from core.operators import TicketView
-    from core.pipeline import Pipeline
+from core.tickets import TicketView
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -77,15 +77,14 @@ from telegram.constants import ChatAction, ChatType, ParseMode
 from telegram.error import BadRequest, NetworkError, TelegramError, TimedOut
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
 
-from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
+from core.adapter import Adapter
+from core.channels import CustomerChannel, OperatorChannel, ReplyStream
 from core.config import TelegramSettings
 from core.messages import Inbound, Kind, Reply, Sender, Suggestion, User
 from core.operators import ACTION_FAILED_TEXT, Operator, OperatorError
+from core.pipeline import Pipeline
 from core.store import StoreError
-
-if TYPE_CHECKING:
-    from core.operators import TicketView
-    from core.pipeline import Pipeline
+from core.tickets import TicketView
 
 log = logging.getLogger(__name__)
 

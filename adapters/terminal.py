@@ -11,10 +11,11 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
+from core.adapter import Adapter
+from core.channels import CustomerChannel, OperatorChannel, ReplyStream
 from core.messages import Inbound, Kind, Reply, User
-from core.operators import TicketView
 from core.pipeline import Pipeline
+from core.tickets import TicketView
 
 PLATFORM = "terminal"
 

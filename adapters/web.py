@@ -30,8 +30,9 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from core import analytics
+from core.adapter import Adapter
 from core.analytics import Analytics, AnalyticsError
-from core.channels import Adapter, CustomerChannel, OperatorChannel, ReplyStream
+from core.channels import CustomerChannel, OperatorChannel, ReplyStream
 from core.config import WebSettings
 from core.messages import Inbound, Kind, Reply, User
 from core.operators import (
@@ -41,10 +42,10 @@ from core.operators import (
     OperatorError,
     OperatorInputError,
     OperatorNotFound,
-    TicketView,
 )
 from core.pipeline import Pipeline
 from core.store import StoreError
+from core.tickets import TicketView
 
 log = logging.getLogger(__name__)
 

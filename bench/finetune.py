@@ -73,9 +73,9 @@ def _train(args: argparse.Namespace, out: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> Figures:
+    from finetune.causal_lm import default_system, resolve_device
     from finetune.conversations import read_file
     from finetune.eval_generator import evaluate_models
-    from finetune.generator import _default_system, resolve_device
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> Figures:
         held, _ = read_file(out / "heldout.jsonl")
         report = evaluate_models(
             [args.base, str(out / "merged")], held[:args.generate], labels=["base", "tuned"],
-            system=_default_system(), device=resolve_device(args.device),
+            system=default_system(), device=resolve_device(args.device),
             data_dir=args.data_dir, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
             max_new_tokens=args.max_new_tokens, progress=True,
         )

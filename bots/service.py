@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from core import report
+from core.adapter import Adapter
 from core.analytics import Analytics, TimeRange, ensure_indexes
-from core.channels import Adapter
 from core.config import ConfigError, Settings
 from core.generation import Generator
 from core.generation.model_files import ensure_hf_model

@@ -2,19 +2,16 @@
 
 The core never imports an adapter. It holds :class:`CustomerChannel` objects keyed by
 platform name and :class:`OperatorChannel` objects that fan out operator work; each
-adapter module implements them for its platform.
+adapter module implements them for its platform. They stand on plain types only
+(messages and tickets), so the pipeline and the operator desk can both depend on them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
 
 from core.messages import Reply
-
-if TYPE_CHECKING:
-    from core.operators import TicketView
-    from core.pipeline import Pipeline
+from core.tickets import TicketView
 
 
 class ReplyStream(ABC):
@@ -79,22 +76,3 @@ class OperatorChannel(ABC):
         refuses, so a channel that forgot to implement it is noticed in tests.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot post reports")
-
-
-class Adapter(ABC):
-    """A platform connection: started with the pipeline, stopped on shutdown.
-
-    An adapter is the platform's :class:`CustomerChannel` and, where the platform has an
-    operator room, also registers an :class:`OperatorChannel` with ``pipeline.operators``.
-    """
-
-    __slots__ = ()
-    platform: str
-
-    @abstractmethod
-    async def start(self, pipeline: Pipeline) -> None:
-        """Connect, attach channels (``pipeline.attach(self)``) and begin receiving."""
-
-    @abstractmethod
-    async def stop(self) -> None:
-        """Stop receiving; in-flight sends may finish."""

@@ -12,15 +12,13 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from core.channels import OperatorChannel
 from core.config import EscalationSettings
 from core.messages import Reply, Sender, User
 from core.store import SQLiteStore, now_iso
-
-if TYPE_CHECKING:
-    from core.pipeline import Pipeline
+from core.tickets import Operator, TicketView
 
 log = logging.getLogger(__name__)
 
@@ -60,47 +58,29 @@ class CustomerHistory:
     candidates: tuple[dict, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Operator:
-    platform: str
-    operator_id: str
-    display_name: str = ""
+class Conversations(Protocol):
+    """What the desk needs of the pipeline: to stop the bot, draft for and write to a
+    customer. A protocol, so the desk does not depend on the pipeline that owns it."""
 
-    @property
-    def label(self) -> str:
-        return f"{self.platform}:{self.operator_id}"
+    def stop_generation(self, conversation_id: int) -> None: ...
 
-    @property
-    def name(self) -> str:
-        return self.display_name or "An agent"
+    async def draft_reply(self, conversation_id: int) -> str: ...
 
-
-@dataclass(frozen=True, slots=True)
-class TicketView:
-    id: int
-    conversation_id: int
-    platform: str
-    conversation_key: str
-    customer: User
-    state: str
-    reason: str
-    scores: dict
-    created_at: datetime
-    claimed_by: str | None
-    last_customer_text: str
-    sentiment_trend: tuple[float, ...]
-    note: str = ""
-
-    @property
-    def waiting_s(self) -> float:
-        return (datetime.now(UTC) - self.created_at).total_seconds()
+    async def send_to_customer(
+        self,
+        conversation_id: int,
+        reply: Reply,
+        *,
+        reply_to: int | None = None,
+        operator: Operator | None = None,
+    ) -> None: ...
 
 
 class OperatorDesk:
     __slots__ = ("_channels", "_pipeline", "_settings", "_store", "_watcher")
 
     def __init__(
-        self, pipeline: Pipeline, store: SQLiteStore, settings: EscalationSettings
+        self, pipeline: Conversations, store: SQLiteStore, settings: EscalationSettings
     ) -> None:
         self._pipeline = pipeline
         self._store = store

@@ -23,14 +23,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.conversations import DataError, Example, load, split
-from finetune.generator import (
+from finetune.causal_lm import (
     chat_messages,
+    default_system,
     encode_all,
     mean_loss,
     resolve_base,
     resolve_device,
 )
+from finetune.conversations import DataError, Example, load, split
 from finetune.tool import run_module
 
 _WORD = re.compile(r"\{\{[^{}]*\}\}|\w+(?:'\w+)?")
@@ -323,7 +324,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from core.generation.model_files import ModelNotFound
-    from finetune.generator import _default_system
 
     try:
         device = resolve_device(args.device)
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
         if not examples:
             raise DataError(args.data[0], 0, "no examples to evaluate")
         specs = ([args.base] if args.with_base else []) + list(args.model)
-        system = _default_system() if args.system is None else args.system
+        system = default_system() if args.system is None else args.system
         report = evaluate_models(
             specs, examples, system=system, device=device, data_dir=args.data_dir,
             batch_size=args.batch_size, max_seq_len=args.max_seq_len,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from finetune import eval_generator, generator
+from finetune import causal_lm, eval_generator, generator
 from finetune.conversations import (
     DataError,
     Example,
@@ -222,7 +222,7 @@ def test_pii_redaction(text: str, redacted: str) -> None:
 
 @pytest.fixture(scope="module")
 def base_dir() -> Path:
-    return generator.resolve_base("smollm2", DATA_DIR)
+    return causal_lm.resolve_base("smollm2", DATA_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -232,12 +232,12 @@ def tokenizer(base_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(base_dir)
 
 
-def _target_text(enc: generator.Encoded, tokenizer: Any) -> list[str]:
+def _target_text(enc: causal_lm.Encoded, tokenizer: Any) -> list[str]:
     """The trained stretches of an encoded example, decoded."""
     runs: list[list[int]] = []
     previous = False
     for tok, label in zip(enc.input_ids, enc.labels, strict=True):
-        on = label != generator.IGNORE
+        on = label != causal_lm.IGNORE
         if on and not previous:
             runs.append([])
         if on:
@@ -248,7 +248,7 @@ def _target_text(enc: generator.Encoded, tokenizer: Any) -> list[str]:
 
 def test_loss_covers_trainable_assistant_turns_only(tokenizer: Any) -> None:
     refund = read_file(JSONL)[0][0]
-    enc = generator.encode(refund, tokenizer, system="Be brief.", max_len=512)
+    enc = causal_lm.encode(refund, tokenizer, system="Be brief.", max_len=512)
     assert enc is not None
     targets = _target_text(enc, tokenizer)
     operator = refund.turns[3].content
@@ -259,7 +259,7 @@ def test_loss_covers_trainable_assistant_turns_only(tokenizer: Any) -> None:
 
 def test_every_assistant_turn_of_a_thread_is_a_target(tokenizer: Any) -> None:
     thread = next(e for e in read_file(TWACS)[0] if e.id == "1001")
-    enc = generator.encode(thread, tokenizer, system="", max_len=512)
+    enc = causal_lm.encode(thread, tokenizer, system="", max_len=512)
     assert enc is not None
     assert _target_text(enc, tokenizer) == [
         f"{thread.turns[1].content}<|im_end|>", f"{thread.turns[3].content}<|im_end|>"]
@@ -267,9 +267,9 @@ def test_every_assistant_turn_of_a_thread_is_a_target(tokenizer: Any) -> None:
 
 def test_long_conversations_drop_oldest_exchanges_first(tokenizer: Any) -> None:
     thread = next(e for e in read_file(TWACS)[0] if e.id == "1001")
-    full = generator.encode(thread, tokenizer, system="", max_len=512)
+    full = causal_lm.encode(thread, tokenizer, system="", max_len=512)
     assert full is not None
-    short = generator.encode(thread, tokenizer, system="", max_len=len(full.input_ids) - 1)
+    short = causal_lm.encode(thread, tokenizer, system="", max_len=len(full.input_ids) - 1)
     assert short is not None
     text = tokenizer.decode(short.input_ids)
     assert thread.turns[0].content not in text
@@ -281,11 +281,11 @@ def test_token_loss_matches_the_model_loss(base_dir: Path, tokenizer: Any) -> No
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    encoded, _ = generator.encode_all(read_file(JSONL)[0][:3], tokenizer, system="",
+    encoded, _ = causal_lm.encode_all(read_file(JSONL)[0][:3], tokenizer, system="",
                                       max_len=128)
-    batch = generator.collate(encoded, tokenizer.pad_token_id)
+    batch = causal_lm.collate(encoded, tokenizer.pad_token_id)
     with torch.no_grad():
-        total, n = generator.token_loss(model, batch)
+        total, n = causal_lm.token_loss(model, batch)
         reference = model(**batch).loss
     assert n == sum(e.n_targets for e in encoded)
     assert float(total) / n == pytest.approx(float(reference), rel=1e-4)
