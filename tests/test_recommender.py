@@ -354,7 +354,9 @@ async def test_retraining_runs_in_a_worker_thread_without_blocking_the_loop(
     await ticker
     assert len(model.users) == 8_000 and model.matrix.nnz > 8_000
     assert took > 0.5, f"training took only {took:.3f} s: too quick to show anything"
-    assert max(gaps) < min(0.25, took / 2), f"the loop stalled {max(gaps):.3f} s of {took:.2f} s"
+    # Blocking the loop shows as one gap as long as the training; a busy machine only adds
+    # scattered short ones, so the bound is relative to the training time, not absolute.
+    assert max(gaps) < took / 2, f"the loop stalled {max(gaps):.3f} s of {took:.2f} s"
 
 
 async def test_background_retrain_after_k_new_events_or_after_the_interval(

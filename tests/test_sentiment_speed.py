@@ -41,6 +41,28 @@ CLEAR_TEXTS = {
 """Messages any sentiment model should get right; the head labels them this way."""
 
 
+WIDE_MARGIN = 0.2
+"""fp32's lead of its label over the runner-up at which another runtime must agree on it.
+Probabilities may move by up to ``PROB_TOLERANCE`` each, so the lead by up to twice that: a
+narrower lead is a coin toss between runtimes and CPUs, not a test of quantisation."""
+PROB_TOLERANCE = 0.1
+
+
+def assert_same_decisions(reference: list, other: list, *, min_wide: int = 3) -> None:
+    """``other`` is the same model in another runtime: every probability within
+    ``PROB_TOLERANCE`` and the same label wherever ``reference`` decides by a wide margin
+    (at least ``min_wide`` texts, so the label check always has something to check)."""
+    wide = 0
+    for x, y in zip(reference, other, strict=True):
+        px, py = (x.negative, x.neutral, x.positive), (y.negative, y.neutral, y.positive)
+        assert max(abs(a - b) for a, b in zip(px, py, strict=True)) < PROB_TOLERANCE, (x, y)
+        top, second = sorted(px, reverse=True)[:2]
+        if top - second >= WIDE_MARGIN:
+            wide += 1
+            assert y.label == x.label, (x, y)
+    assert wide >= min_wide, f"only {wide} texts decided by a wide margin"
+
+
 @pytest.fixture(scope="module")
 async def head_pair() -> AsyncIterator[tuple[_Batched, _Batched]]:
     fp32 = build_classifier("minilm", "", "", 32, 2.0)
@@ -73,9 +95,8 @@ async def test_int8_head_labels_match_fp32(head_pair: tuple[_Batched, _Batched])
     a = await asyncio.gather(*(fp32.classify(t) for t in texts))
     b = await asyncio.gather(*(int8.classify(t) for t in texts))
     assert [s.label for s in a] == list(CLEAR_TEXTS.values())
-    assert [s.label for s in b] == [s.label for s in a]
+    assert_same_decisions(a, b, min_wide=len(texts))
     for x, y in zip(a, b, strict=True):
-        assert abs(x.negative - y.negative) < 0.1
         # Quantised, not the same float model under another name.
         assert (x.negative, x.neutral, x.positive) != (y.negative, y.neutral, y.positive)
 
@@ -89,11 +110,11 @@ async def test_int8_finetuned_labels_match_fp32(tuned_folder: Path) -> None:
         texts = list(CLEAR_TEXTS)
         a = await asyncio.gather(*(fp32.classify(t) for t in texts))
         b = await asyncio.gather(*(int8.classify(t) for t in texts))
-        assert [s.label for s in b] == [s.label for s in a]
         # The fixture model has learnt the obvious cases, so the comparison means something.
         assert sum(s.label == want for s, want in zip(a, CLEAR_TEXTS.values(), strict=True)) >= 5
+        assert_same_decisions(a, b)
         diffs = [abs(x.negative - y.negative) for x, y in zip(a, b, strict=True)]
-        assert 0 < max(diffs) < 0.1
+        assert max(diffs) > 0  # quantised, not the float model again
     finally:
         await fp32.close()
         await int8.close()
@@ -122,13 +143,14 @@ async def test_onnx_finetuned_labels_match_torch(tuned_folder: Path, quantize: s
         texts = list(CLEAR_TEXTS)
         a = await asyncio.gather(*(torch_fp32.classify(t) for t in texts))
         b = await asyncio.gather(*(ort.classify(t) for t in texts))
-        assert [s.label for s in b] == [s.label for s in a]
         assert sum(s.label == want for s, want in zip(a, CLEAR_TEXTS.values(), strict=True)) >= 5
         diffs = [abs(x.negative - y.negative) for x, y in zip(a, b, strict=True)]
         if quantize == "none":
             assert max(diffs) < 1e-4  # the same float model, logit bias included
+            assert [s.label for s in b] == [s.label for s in a]
         else:
-            assert 0 < max(diffs) < 0.1
+            assert_same_decisions(a, b)
+            assert max(diffs) > 0
             import onnx
 
             ops = {n.name: n.op_type for n in onnx.load(str(path)).graph.node}
@@ -143,7 +165,7 @@ async def test_onnx_finetuned_labels_match_torch(tuned_folder: Path, quantize: s
     again = FineTunedClassifier(tuned_folder, quantize=quantize, runtime="onnx")
     again._load()
     assert again.onnx_path == path and path.stat().st_mtime_ns == mtime
-    assert [s.label for s in again.classify_many(texts)] == [s.label for s in a]
+    assert_same_decisions(a, again.classify_many(texts))
 
 
 def test_onnx_cache_follows_the_folder(tuned_folder: Path, tmp_path: Path) -> None:
