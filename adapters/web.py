@@ -533,7 +533,7 @@ class WebAdapter(Adapter, CustomerChannel):
             "transcript": [
                 {"id": ln.message_id, "direction": ln.direction, "sender": ln.sender,
                  "text": ln.text, "at": ln.created_at, "sentiment": ln.sentiment,
-                 "p_negative": ln.p_negative}
+                 "p_negative": ln.p_negative, "withheld": list(ln.withheld)}
                 for ln in lines
             ],
         })

@@ -19,6 +19,7 @@ OFFLINE_TOOLS: dict[str, dict[str, str]] = {
         "sentiment": "finetune.sentiment",
         "sentiment-head": "finetune.sentiment_head",
         "generator": "finetune.generator",
+        "acts": "finetune.acts",
     },
     "eval": {
         "sentiment": "finetune.eval_sentiment",
@@ -27,6 +28,8 @@ OFFLINE_TOOLS: dict[str, dict[str, str]] = {
         "grounding": "finetune.eval_grounding",
         "recommender": "finetune.eval_recommender",
         "generator": "finetune.eval_generator",
+        "replay": "finetune.eval_replay",
+        "acts": "finetune.acts",
     },
     "export": {
         "events": "finetune.export_events",

@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 from core import report
+from core.acts import ActClassifier
 from core.adapter import Adapter
 from core.analytics import Analytics, TimeRange, ensure_indexes
 from core.config import ConfigError, Settings
+from core.faithfulness import FaithfulnessChecker
 from core.generation import Generator
 from core.generation.model_files import ensure_hf_model
 from core.grounding import Grounder
@@ -78,6 +80,21 @@ def build_grounder(settings: Settings, retriever: Retriever | None) -> Grounder 
         retriever, settings.prompt.system, k=g.k, max_context_chars=g.max_context_chars,
         cite_margin=g.cite_margin, known=known, reload_interval_s=g.reload_interval_s,
     )
+
+
+def build_answer_checks(
+    settings: Settings, retriever: Retriever | None,
+) -> tuple[ActClassifier | None, FaithfulnessChecker | None]:
+    """The conversation-act classifier and the faithfulness check, both on the retriever's
+    MiniLM (one encoder, one query cache for the message and its passages)."""
+    if retriever is None:
+        return None, None
+    a = settings.answers
+    acts = ActClassifier(retriever.embed) if a.acts else None
+    checker = FaithfulnessChecker(retriever.embed) if a.check else None
+    log.info("answers: acts %s, faithfulness check %s, mode %s",
+             "on" if acts else "off", "on" if checker else "off", a.mode)
+    return acts, checker
 
 
 def build_adapters(settings: Settings) -> list[Adapter]:
@@ -160,9 +177,11 @@ class Service:
         await self.classifier.start()
         retriever = await open_retriever(self.settings)
         self.recommender = await build_recommender(self.settings, self.store, retriever)
+        acts, checker = build_answer_checks(self.settings, retriever)
         self.pipeline = Pipeline(
             self.settings, self.store, self.classifier, self.generator, self.recommender,
-            build_grounder(self.settings, retriever), recover_first=True,
+            build_grounder(self.settings, retriever), acts=acts, checker=checker,
+            recover_first=True,
         )
         # Adapters accept messages from here; until recovery has queued the older
         # unanswered ones, a new message is only committed, so each conversation is

@@ -149,6 +149,27 @@ class EscalationSettings:
         "I'm connecting you with a person from our support team. They will reply here shortly."
     )
     claim_timeout_s: float = Field(default=300.0, gt=0)
+    strong_signals: bool = True
+    """Escalate at once, even on a first message, on safety words, legal or regulator
+    threats, churn threats, abuse and ``very_negative_threshold``; false: only the rules
+    above (a run of negative messages, the trend, repeats)."""
+    very_negative_threshold: float = Field(default=0.99, ge=0, le=1)
+    """P(negative) of one message that is enough on its own. With the embedded head, 0.99
+    on labelled TwACS training openers took 14% of complaints, 1% of questions and no praise
+    (0.95 took 36% of complaints, so most would skip the apology)."""
+    profanity_min_negative: float = Field(default=0.5, ge=0, le=1)
+    """P(negative) above which any swear word escalates; below it (or with no score) the
+    swearing must come with a complaint, abuse aimed at you, and no praise."""
+    profanity_max_positive: float = Field(default=0.5, ge=0, le=1)
+    """P(positive) at or above which swearing or a churn phrase never escalates
+    ("fucking awesome crew")."""
+    company_names: list[str] = Field(default_factory=list)
+    """What customers call you ("acme", "acme air"): "acme sucks" is then abuse aimed at you."""
+    extra_profanity: list[str] = Field(default_factory=list)
+    extra_churn_phrases: list[str] = Field(default_factory=list)
+    """E.g. a competitor: "moving to rivalbank"; matched as words, case-insensitive."""
+    extra_legal_phrases: list[str] = Field(default_factory=list)
+    extra_safety_phrases: list[str] = Field(default_factory=list)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -194,6 +215,39 @@ class GroundingSettings:
     support_phone: str = ""
     support_email: str = ""
     support_hours: str = ""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class AnswersSettings:
+    """What the bot may show: conversation acts first, then grounded answers checked
+    sentence by sentence against their passages (see ``core/answers.py``)."""
+
+    acts: bool = True
+    """Classify each message first: praise, greetings and complaints without a question
+    get a fixed courtesy reply, never a generated one or the no-answer hand-off."""
+    check: bool = True
+    """Check every generated sentence against the passages; unsupported ones are never
+    shown (off only to measure what the check changes)."""
+    mode: Literal["auto", "generate", "extract"] = "auto"
+    """``auto``: generate, checked, within the time budget below, else answer
+    extractively; ``generate``: wait for the model (up to ``generator.timeout_s``);
+    ``extract``: always quote the help centre."""
+    max_sentences: int = Field(default=4, gt=0)
+    """A support answer is 1-4 sentences; generation stops after this many."""
+    first_text_s: float = Field(default=2.0, gt=0)
+    """``auto``: no checked sentence by then, and the help centre's own words answer."""
+    reply_s: float = Field(default=10.0, gt=0)
+    """``auto``: generation stops here; the sentences that passed stay."""
+    extract_sentences: int = Field(default=3, gt=0)
+    """Sentences quoted from the best passage in an extractive answer."""
+    min_relevance: float = Field(default=0.40, ge=-1, le=1)
+    """MiniLM similarity the best passage's quoted sentences need to the question; below,
+    the passage is about something else and the question is handed off as unanswered.
+    0.40 keeps 39 of the 40 written in-scope questions and 76% of sampled Bitext requests
+    answerable, and hands off most airline questions that reach a store article."""
+    names_relevance: float = Field(default=0.50, ge=-1, le=1)
+    """Below this relevance, a question whose names (Delta One, CDG) the passage never
+    mentions is handed off too: the passage is about something else."""
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -272,6 +326,7 @@ class Settings:
     escalation: EscalationSettings = Field(default_factory=EscalationSettings)
     recommender: RecommenderSettings = Field(default_factory=RecommenderSettings)
     grounding: GroundingSettings = Field(default_factory=GroundingSettings)
+    answers: AnswersSettings = Field(default_factory=AnswersSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)

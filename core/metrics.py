@@ -39,6 +39,20 @@ SENTIMENT = Counter(
     "supportbot_sentiment_total", "Customer messages by sentiment label", ["label"],
     registry=REGISTRY,
 )
+ACTS = Counter(
+    "supportbot_acts_total", "Customer messages by conversation act", ["act"],
+    registry=REGISTRY,
+)
+CLAIMS = Counter(
+    "supportbot_claims_total",
+    "Sentences of generated answers by check outcome (dropped ones are never shown)",
+    ["outcome"], registry=REGISTRY,
+)
+EXTRACTIVE = Counter(
+    "supportbot_extractive_answers_total",
+    "Answers quoted from the help centre instead of generated, by why", ["reason"],
+    registry=REGISTRY,
+)
 GENERATOR_ERRORS = Counter(
     "supportbot_generator_errors_total", "Failed generations by kind", ["kind"],
     registry=REGISTRY,

@@ -2,9 +2,12 @@
 
 Order of work for a text message: it is committed (in :meth:`Pipeline.submit`, before
 anything else), queued on its conversation, scored for sentiment, checked by the
-escalation policy, answered by the generator with suggestions from the recommender,
-and the reply is stored before and after it is sent. Conversations run concurrently;
-the messages of one conversation are handled strictly in order.
+escalation policy, classified as a conversation act (praise, greetings and complaints get
+a fixed courtesy reply, a request for a person a hand-off), answered from the knowledge
+base by the generator with every sentence checked before it is shown (or extractively),
+with suggestions from the recommender, and the reply is stored before and after it is
+sent. Conversations run concurrently; the messages of one conversation are handled
+strictly in order.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from core import metrics
+from core import courtesy, metrics
+from core.acts import Act, ActClassifier
+from core.answers import CheckedAnswer, ClaimGate, Extract, extractive_answer, substantive
 from core.channels import CustomerChannel, ReplyStream
 from core.config import Settings
 from core.escalation import (
@@ -28,15 +33,16 @@ from core.escalation import (
     Escalation,
     EscalationPolicy,
 )
+from core.faithfulness import FaithfulnessChecker, named, unknown_names
 from core.generation import GenerationError, GenerationParams, Generator
-from core.grounding import NO_ANSWER_TEXT, Grounder, StreamingPlaceholderFilter
+from core.grounding import NO_ANSWER_TEXT, Grounder, Grounding, StreamingPlaceholderFilter
 from core.logs import CONVERSATION_ID
 from core.messages import Citation, Inbound, Kind, Reply, Sender, Suggestion, User
 from core.operators import Operator, OperatorDesk
 from core.prompt import build_chat
 from core.recommender import NoSuggestions, Recommender, SuggestionRequest, arm_of
 from core.sentiment import Classifier
-from core.store import SQLiteStore, StoredInbound, StoreError
+from core.store import Scores, SQLiteStore, StoredInbound, StoreError
 from core.text import clean_text, truncate
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,8 @@ class Pipeline:
     """The core of the service; adapters call :meth:`submit` and implement the channels."""
 
     __slots__ = (
-        "_active", "_apologised", "_backlog", "_classifier", "_closing", "_faults",
+        "_active", "_acts", "_apologised", "_backlog", "_checker", "_classifier", "_closing",
+        "_faults",
         "_generator", "_grounder", "_healer", "_held", "_inflight", "_params", "_parked",
         "_policy", "_queues", "_recommender", "_recovered", "_retry_delay", "_settings",
         "_store_retry_s", "_watchers", "_workers", "channels", "operators", "store",
@@ -100,11 +107,17 @@ class Pipeline:
         recommender: Recommender | None = None,
         grounder: Grounder | None = None,
         *,
+        acts: ActClassifier | None = None,
+        checker: FaithfulnessChecker | None = None,
         store_retry_s: float = 1.0,
         recover_first: bool = False,
     ) -> None:
+        """``acts``: conversation acts before answering (none: every message is a question);
+        ``checker``: the faithfulness check of grounded answers (none: shown unchecked)."""
         self._settings = settings
         self._grounder = grounder
+        self._acts = acts if settings.answers.acts else None
+        self._checker = checker if settings.answers.check else None
         self.store = store
         self._classifier = classifier
         self._generator = generator
@@ -145,6 +158,11 @@ class Pipeline:
             metrics.BREAKER_STATE.set_function(lambda: states.get(str(breaker.state), -1))
         else:
             metrics.BREAKER_STATE.set_function(lambda: -1)
+
+    @property
+    def grounder(self) -> Grounder | None:
+        """The knowledge-base grounding answers stand on (offline evaluations re-check)."""
+        return self._grounder
 
     def attach(self, channel: CustomerChannel) -> None:
         self.channels[channel.platform] = channel
@@ -456,10 +474,12 @@ class Pipeline:
         scores = await self._classifier.classify(text)
         await self.store.set_sentiment(stored.message_id, scores)
         metrics.SENTIMENT.labels(scores.label).inc()
+        act = await self._act(text, scores)
         await self.store.log_event(
             "message", user_id=stored.user_id, conversation_id=stored.conversation_id,
             message_id=stored.message_id, value=scores.label,
-            data={"p_negative": round(scores.negative, 4)},
+            data={"p_negative": round(scores.negative, 4),
+                  **({"act": act.value} if act is not None else {})},
         )
         state = await self._state(stored.conversation_id)
         if state in ("escalated", "operator"):
@@ -476,12 +496,46 @@ class Pipeline:
             )  # no reply_to: a notice, not the answer (recovery must still answer)
         recent = await self.store.recent_customer_messages(stored.conversation_id, 12)
         decision = self._policy.decide(
-            text, [r["p_negative"] for r in recent], [r["text"] for r in recent[:-1]]
+            text, [r["p_negative"] for r in recent], [r["text"] for r in recent[:-1]],
+            p_positive=scores.positive,
         )
+        if decision is None and act is Act.REQUEST_PERSON:
+            decision = Escalation(REASON_REQUESTED, {"text": text[:200], "act": act.value})
         if decision is not None:
             await self.escalate(stored, decision)
             return "escalated"
-        return await self._answer(job, text)
+        if act in (Act.PRAISE, Act.GREETING, Act.COMPLAINT):
+            return await self._courtesy(job, act, text)
+        return await self._answer(job, text, act)
+
+    async def _act(self, text: str, scores: Scores) -> Act | None:
+        if self._acts is None:
+            return None
+        result = await asyncio.to_thread(
+            self._acts.classify, text, None, (scores.negative, scores.neutral, scores.positive)
+        )
+        metrics.ACTS.labels(result.act.value).inc()
+        return result.act
+
+    async def _courtesy(self, job: _Job, act: Act, text: str) -> str:
+        """Praise, a greeting or a complaint without a question: a fixed, honest reply (no
+        facts, no promises), never a generated one and never the no-answer hand-off."""
+        write = {
+            Act.PRAISE: courtesy.acknowledge_praise,
+            Act.GREETING: courtesy.greet,
+            Act.COMPLAINT: courtesy.apologise,
+        }.get(act, courtesy.clarify)
+        stored, inbound = job.stored, job.inbound
+        out_id = await self.store.begin_outbound(
+            stored.conversation_id, inbound.platform, Sender.BOT.value, stored.message_id
+        )
+        stream = self.channels[inbound.platform].open_reply(inbound.conversation_key)
+        started = time.perf_counter()
+        await stream.begin()
+        await self._finish_reply(out_id, stream, Reply(write(text), Sender.BOT),
+                                 {"act": act.value}, started, [])
+        metrics.REPLIES.labels("acknowledged").inc()
+        return "acknowledged"
 
     async def _on_command(self, job: _Job) -> str:
         stored, inbound = job.stored, job.inbound
@@ -593,7 +647,7 @@ class Pipeline:
 
     # -- answering -------------------------------------------------------------------
 
-    async def _answer(self, job: _Job, text: str) -> str:
+    async def _answer(self, job: _Job, text: str, act: Act | None = None) -> str:
         stored, inbound = job.stored, job.inbound
         settings = self._settings
         channel = self.channels[inbound.platform]
@@ -604,11 +658,16 @@ class Pipeline:
         system = settings.prompt.system
         citations: tuple[Citation, ...] = ()
         facts: Mapping[str, str] = {}
-        small_talk = False
+        grounding: Grounding | None = None
         if self._grounder is not None:
             grounding = await self._grounder.ground(
                 text, [t for role, t in history if role == "user"]
             )
+            if grounding.small_talk and self._acts is not None:
+                return await self._courtesy(job, Act.GREETING, text)
+            if grounding.no_answer and act is Act.OTHER:
+                # Not a question: asking what they need beats handing a person nothing.
+                return await self._courtesy(job, Act.OTHER, text)
             if grounding.no_answer:
                 decision = Escalation(REASON_NO_ANSWER, {"question": text[:200]})
                 await self.escalate(
@@ -618,7 +677,28 @@ class Pipeline:
             system, citations, facts = (
                 grounding.system_prompt, grounding.citations, grounding.context
             )
-            small_talk = grounding.small_talk
+        small_talk = grounding is not None and grounding.small_talk
+        checker = self._checker if grounding is not None and grounding.hits else None
+        extract: Extract | None = None
+        if checker is not None and grounding is not None:
+            extract = await asyncio.to_thread(
+                extractive_answer, checker, text, grounding.hits,
+                settings.answers.extract_sentences,
+            )
+            unknown = unknown_names(text, [grounding.hits[0].text])
+            if (extract.relevance < settings.answers.min_relevance
+                    or (unknown and extract.relevance < settings.answers.names_relevance
+                        and len(unknown) == len(named(text)))):
+                # The best passage is about something else: a true answer to another
+                # question helps nobody, so this is a question the base cannot answer.
+                decision = Escalation(REASON_NO_ANSWER, {
+                    "question": text[:200], "article": grounding.hits[0].article_id,
+                    "relevance": round(extract.relevance, 3), "unknown_names": unknown,
+                })
+                await self.escalate(
+                    stored, decision, settings.grounding.no_answer_text or NO_ANSWER_TEXT
+                )
+                return "escalated"
         chat = build_chat(
             system, history, text,
             count_tokens=self._generator.count_tokens,
@@ -635,12 +715,20 @@ class Pipeline:
         started = time.perf_counter()
         first_token: list[float] = []
         await stream.begin()
+        gate = None
+        if checker is not None and grounding is not None:
+            gate = ClaimGate(
+                checker, [h.text for h in grounding.hits],
+                [text, *(t for role, t in history if role == "user")],
+                settings.answers.max_sentences,
+            )
         generation = asyncio.create_task(
-            self._generate(chat, stream, started, first_token, facts)
+            self._checked_reply(chat, stream, started, first_token, facts, gate, extract,
+                                grounding, citations)
         )
         self._active[stored.conversation_id] = generation
         try:
-            reply_text = await generation
+            answer = await generation
         except asyncio.CancelledError:
             if not generation.cancelled() or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise
@@ -658,11 +746,37 @@ class Pipeline:
         finally:
             self._active.pop(stored.conversation_id, None)
         suggestions = await suggestions_task
-        reply = Reply(reply_text, Sender.BOT, tuple(suggestions), citations)
-        shown = {"citations": [c.id for c in citations], "suggestions": [s.id for s in suggestions]}
-        try:  # complete and about to go out: from here on it is never generated again
+        reply_text = answer.text
+        reply = Reply(reply_text, Sender.BOT, tuple(suggestions), answer.citations)
+        shown = {"citations": [c.id for c in answer.citations],
+                 "suggestions": [s.id for s in suggestions]}
+        if answer.checked:
+            shown["answer"] = answer.record()
+            self._count_claims(answer)
+        latency = await self._finish_reply(out_id, stream, reply, shown, started, first_token)
+        metrics.REPLIES.labels("extractive" if answer.extractive else "answered").inc()
+        metrics.REPLY_LATENCY.observe(latency)
+        if first_token:
+            metrics.FIRST_TOKEN.observe(first_token[0] / 1000)
+        if suggestions:
+            rows = [
+                {"type": "suggestion_shown", "user_id": stored.user_id,
+                 "conversation_id": stored.conversation_id, "message_id": out_id,
+                 "item_id": s.id, "position": i, "data": json.dumps({"arm": arm_of(s)})}
+                for i, s in enumerate(suggestions)
+            ]
+            await self._after_send(lambda: self.store.log_events(rows))
+        return "answered"
+
+    async def _finish_reply(
+        self, out_id: int, stream: ReplyStream, reply: Reply, shown: dict, started: float,
+        first_token: list[float],
+    ) -> float:
+        """Send a complete reply on its stream: stored as ``sending`` first (from here on it
+        is never produced again), then ``sent``. Returns the latency in seconds."""
+        try:
             await self.store.finish_outbound(
-                out_id, text=reply_text, status="sending", payload=json.dumps(shown)
+                out_id, text=reply.text, status="sending", payload=json.dumps(shown)
             )
         except StoreError:
             await stream.abort()
@@ -681,42 +795,99 @@ class Pipeline:
             out_id, status="sent", platform_message_id=platform_id,
             latency_ms=latency * 1000, first_token_ms=first_token[0] if first_token else None,
         ))
-        metrics.REPLIES.labels("answered").inc()
-        metrics.REPLY_LATENCY.observe(latency)
-        if first_token:
-            metrics.FIRST_TOKEN.observe(first_token[0] / 1000)
-        if suggestions:
-            rows = [
-                {"type": "suggestion_shown", "user_id": stored.user_id,
-                 "conversation_id": stored.conversation_id, "message_id": out_id,
-                 "item_id": s.id, "position": i, "data": json.dumps({"arm": arm_of(s)})}
-                for i, s in enumerate(suggestions)
-            ]
-            await self._after_send(lambda: self.store.log_events(rows))
-        return "answered"
+        return latency
+
+    @staticmethod
+    def _count_claims(answer: CheckedAnswer) -> None:
+        metrics.CLAIMS.labels("supported").inc(answer.n_supported)
+        metrics.CLAIMS.labels("dropped").inc(len(answer.withheld))
+        if answer.extractive:
+            metrics.EXTRACTIVE.labels(answer.reason).inc()
+
+    async def _checked_reply(
+        self, chat: list, stream: ReplyStream, started: float, first_token: list[float],
+        facts: Mapping[str, str], gate: ClaimGate | None, extract: Extract | None,
+        grounding: Grounding | None, citations: tuple[Citation, ...],
+    ) -> CheckedAnswer:
+        """The generated answer, checked when there are passages to check it against; the
+        extractive answer when too little of it stands (or the configured mode says so)."""
+        mode = self._settings.answers.mode
+        if gate is None or extract is None or grounding is None:
+            text = await self._generate(chat, stream, started, first_token, facts, None)
+            if not text:
+                raise EmptyReply("the model produced an empty reply")
+            return CheckedAnswer(text, citations, checked=False)
+        raw = ""
+        if mode != "extract":
+            raw = await self._generate(chat, stream, started, first_token, facts, gate)
+            if substantive(gate.claims):
+                cited = gate.citations(grounding.hits)
+                return CheckedAnswer(gate.shown, cited, tuple(gate.claims))
+        left = self._budget_left(started, gate)
+        if mode == "extract":
+            reason = "mode"
+        elif left is not None and left <= 0 and not gate.shown:
+            reason = "no_text_in_time"
+        else:
+            reason = "too_little_supported" if raw else "empty"
+        text = extract.text
+        if gate.shown:  # courtesy that passed ("I'm happy to help.") stays in front
+            text = f"{gate.shown} {text}"
+        await stream.update(text)
+        return CheckedAnswer(text, extract.citations, tuple(gate.claims), extractive=True,
+                             reason=reason)
 
     async def _generate(
         self, chat: list, stream: ReplyStream, started: float, first_token: list[float],
-        facts: Mapping[str, str],
+        facts: Mapping[str, str], gate: ClaimGate | None,
     ) -> str:
+        """Stream the model's reply; with a ``gate`` only checked sentences are shown, and
+        in ``auto`` mode generation stops when the time budget for the first shown text or
+        for the whole reply is spent. Returns all the text the model wrote."""
         text = ""
         shown = StreamingPlaceholderFilter(facts)  # no raw {{Order Number}} reaches a customer
+        ended = False
         async with asyncio.timeout(self._settings.generator.timeout_s):
             pieces = self._generator.stream(chat, self._params)
             try:
-                async for piece in pieces:
+                while not (gate is not None and gate.full):
+                    limit = self._budget_left(started, gate)
+                    if limit is not None and limit <= 0:
+                        break
+                    try:
+                        piece = await asyncio.wait_for(anext(pieces), limit)
+                    except StopAsyncIteration:
+                        ended = True
+                        break
+                    except TimeoutError:
+                        break
                     if not first_token:
                         first_token.append((time.perf_counter() - started) * 1000)
                     visible = shown.feed(piece)
-                    if visible:
-                        text += visible
+                    if not visible:
+                        continue
+                    text += visible
+                    if gate is None:
                         await stream.update(text)
+                    elif await gate.feed(visible):
+                        await stream.update(gate.shown)
             finally:
                 await pieces.aclose()  # type: ignore[attr-defined]
-        text = (text + shown.flush()).strip()
-        if not text:
-            raise EmptyReply("the model produced an empty reply")
-        return text
+        tail = shown.flush() if ended or gate is None else ""
+        text += tail
+        if gate is not None and ended:
+            grew = await gate.feed(tail)
+            if await gate.flush() or grew:
+                await stream.update(gate.shown)
+        return text.strip()
+
+    def _budget_left(self, started: float, gate: ClaimGate | None) -> float | None:
+        """Seconds left of the ``auto`` mode's budget (none: no budget, wait for the model)."""
+        a = self._settings.answers
+        if gate is None or a.mode != "auto":
+            return None
+        limit = a.reply_s if gate.shown else a.first_text_s
+        return started + limit - time.perf_counter()
 
     async def draft_reply(self, conversation_id: int) -> str:
         """Agent assist: what the bot would answer now, for an operator to send or edit."""

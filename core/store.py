@@ -179,6 +179,18 @@ class TranscriptLine:
     platform_message_id: str | None = None
     """What the platform calls it: a chat tab's client id or a sent reply's id, so a
     reconnecting client can tell which of its messages and replies are stored."""
+    withheld: tuple[str, ...] = ()
+    """Sentences of a generated answer the faithfulness check kept from the customer:
+    for operators' eyes only."""
+
+
+def _withheld(payload: str | None) -> tuple[str, ...]:
+    """The withheld sentences recorded with a reply (``payload.answer.withheld``)."""
+    try:
+        answer = json.loads(payload or "{}").get("answer") or {}
+        return tuple(str(w["text"]) for w in answer.get("withheld", ()))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return ()
 
 
 class StoreError(Exception):
@@ -514,7 +526,7 @@ class SQLiteStore:
     async def transcript(self, conversation_id: int, limit: int = 200) -> list[TranscriptLine]:
         rows = await self.query(
             "SELECT id, direction, sender, text, created_at, sentiment, p_negative, "
-            "platform_message_id FROM "
+            "platform_message_id, payload FROM "
             "messages WHERE conversation_id = ? AND (direction = 'in' OR status = 'sent') "
             "ORDER BY id DESC LIMIT ?",
             [conversation_id, limit],
@@ -523,6 +535,7 @@ class SQLiteStore:
             TranscriptLine(
                 r["id"], r["direction"], r["sender"], r["text"], r["created_at"],
                 r["sentiment"], r["p_negative"], r["platform_message_id"],
+                _withheld(r["payload"]) if r["direction"] == "out" else (),
             )
             for r in rows[::-1]
         ]

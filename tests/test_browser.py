@@ -8,12 +8,14 @@ other conversations go straight to a person so they cost no generation time.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import BrowserContext, Page, expect
 
-from tests.conftest import OPERATOR_TOKEN
+from tests.conftest import OPERATOR_TOKEN, make_settings
 
 pytestmark = pytest.mark.browser
 
@@ -91,10 +93,26 @@ def base_url(service: Any) -> str:
     return f"http://127.0.0.1:{service.adapters[0].port}"
 
 
-async def test_chat_page_renders_the_streamed_answer_as_text(web_service, browser) -> None:
+@pytest.fixture
+async def unchecked_service(tmp_path: Path) -> AsyncIterator[Any]:
+    """The service with the model's text shown as it streams (no acts, no faithfulness
+    check): what the page does with raw model output, markup included."""
+    from bots.service import Service
+
+    service = Service(make_settings(tmp_path, answers={"acts": False, "check": False}))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+async def test_chat_page_renders_the_streamed_answer_as_text(unchecked_service, browser) -> None:
     """The real model's answer grows in the bubble as tokens arrive. The question is on a
     knowledge-base topic (so the bot answers rather than handing over) and asks for HTML,
-    which greedy SmolLM2 writes: the page shows the tags as text, not as elements."""
+    which greedy SmolLM2 writes: the page shows the tags as text, not as elements. (With
+    the check on, markup no passage has is never shown at all.)"""
+    web_service = unchecked_service
     context = await browser.new_context()
     await context.add_init_script(RECORD_BOT_TEXTS)
     chat = await open_chat(context, base_url(web_service))

@@ -380,10 +380,13 @@ async def _escalate(bot: Bot, customer: Json) -> tuple[Json, Json, int]:
 async def test_angry_customer_escalated_into_an_operator_thread(bot: Bot) -> None:
     fake, w = bot.fake, bot.world
     dm, thread, ticket_id = await _escalate(bot, w.alice)
-    assert thread["name"].startswith(f"#{ticket_id} · Alice · negative_sentiment")
-    [summary] = texts_in(fake, thread)
-    assert "**Reason:** negative\\_sentiment" in summary and "Sentiment (negative)" in summary
-    assert "furious" in summary and "livid" in summary  # the recent transcript
+    # The first angry message is negative enough on its own (P >= 0.99): escalated at once.
+    assert thread["name"].startswith(f"#{ticket_id} · Alice · very_negative")
+    summary, *updates = texts_in(fake, thread)
+    assert "**Reason:** very\\_negative" in summary and "Sentiment (negative)" in summary
+    # The transcript so far, then what the customer wrote after the ticket opened.
+    assert "furious" in "\n".join([summary, *updates])
+    assert "livid" in "\n".join([summary, *updates])
     assert texts_in(fake, dm)[-1] == bot.settings.escalation.handoff_text
 
 

@@ -529,7 +529,9 @@ async def test_streamed_reply_through_the_service(model_server: ModelServer,
             reply = await customer.until("reply")
             deltas = [f for f in customer.frames if f["type"] == "delta"]
             await customer.ws.close()
-        assert len(deltas) >= 2, "tokens should reach the customer as they are generated"
+        # Checked sentences stream as they pass; nothing shown is taken back.
+        assert deltas, "the answer should show before it is complete"
+        assert all(reply["text"].startswith(d["text"].strip()) for d in deltas)
         assert reply["sender"] == "bot" and reply["text"].strip()
         rows = await service.store.query(
             "SELECT text, status, first_token_ms FROM messages WHERE direction = 'out'")

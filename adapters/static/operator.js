@@ -60,7 +60,8 @@
       title.textContent = `#${t.id} ${t.customer} (${t.platform})`;
       const meta = document.createElement("span");
       meta.className = "meta";
-      meta.textContent = ` ${reasonText(t.reason)} · ${t.state}${t.claimed_by ? " by " + t.claimed_by : ""} · `;
+      const matched = t.scores && typeof t.scores.matched === "string" ? ` "${t.scores.matched}"` : "";
+      meta.textContent = ` ${reasonText(t.reason)}${matched} · ${t.state}${t.claimed_by ? " by " + t.claimed_by : ""} · `;
       const wait = document.createElement("span");
       wait.className = "waiting";
       wait.dataset.since = String(Date.now() - t.waiting_s * 1000);
@@ -105,6 +106,13 @@
       text.className = "text";
       text.textContent = line.text;
       row.append(who, text);
+      for (const w of line.withheld || []) {  // the check kept these from the customer
+        const del = document.createElement("del");
+        del.className = "withheld";
+        del.title = "Not shown to the customer: the help centre does not support it";
+        del.textContent = w;
+        row.appendChild(del);
+      }
       if (line.sentiment) {
         const s = document.createElement("span");
         s.className = "sentiment " + line.sentiment;
