@@ -13,7 +13,8 @@ the same run:
 - ``unchecked``: generated and shown as it streams, no check (what the service did before).
 
 It prints first text and whole reply p50/p99 for each, the share answered extractively,
-and each variant's ratio to the baseline.
+and each variant's ratio to the baseline; every exchange is written to
+``data/replay/bench-answers-<variant>.jsonl``.
 
     nice -n 10 .venv/bin/python -m bench.answers --questions 24
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import tempfile
 import time
@@ -62,6 +64,9 @@ def main() -> None:
             started = time.perf_counter()
             rows = asyncio.run(replay(settings, dialogs, args.concurrency, 600.0))
             took = time.perf_counter() - started
+        out = REPO / "data" / "replay" / f"bench-answers-{name}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps({**r, "outcome": outcome(r)}) + "\n" for r in rows))
         first = [r["first_text_s"] for r in rows if r["first_text_s"] is not None]
         whole = [r["reply_s"] for r in rows if r["reply_s"] is not None]
         kinds = [outcome(r) for r in rows]

@@ -72,7 +72,7 @@ def topic_of(title: str) -> str:
     "resetting a forgotten password" (acronyms and names keep their capitals)."""
     title = title.strip().rstrip(".")
     first, _, rest = title.partition(" ")
-    if first[:1].isupper() and first[1:].islower():
+    if first[:1].isupper() and (first[1:].islower() or len(first) == 1):
         first = first.lower()
     return f"{first} {rest}".strip()
 

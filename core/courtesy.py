@@ -165,8 +165,10 @@ def _span_from_clause(clause: str) -> str | None:
     elif far:  # "my flight from A to B via C was delayed": keep "my flight ... was delayed"
         aux = [words[before - 1]] if words[before - 1].lower() in _AUXILIARIES else []
         chosen = [*words[far[0] : far[0] + 2], *aux, *words[before:]]
+    elif words[before].lower() in ("rude", "unhelpful", "dirty", "cold", "broken", "wrong"):
+        chosen = words[before:]  # "rude staff at the desk" -> "the rude staff at the desk"
     else:
-        chosen = words[before:]
+        return None  # "delayed last minute": no subject to say it of, so say nothing of it
     swears = [w for w in chosen if contains_profanity(w)]
     if any(not _DROPPABLE.search(w) for w in swears):
         return None  # the swearing carries the sentence: skip it rather than mangle it
@@ -246,6 +248,20 @@ def acknowledge_praise(text: str) -> str:
     else:
         opening = _pick(_PRAISE_SERVICE, clean)
     return f"{opening} {HELP_OFFER}"
+
+
+_NOTED = (
+    "Thank you for letting us know.",
+    "Thanks for telling us about this.",
+    "Thank you for taking the time to tell us.",
+)
+
+
+def acknowledge(text: str) -> str:
+    """Thanks for the message that suits praise and criticism alike: for when the two
+    signals disagree (praise that reads as negative, a "complaint" that reads as happy),
+    where "lovely to hear!" or "sorry about your experience" could be the insult."""
+    return f"{_pick(_NOTED, _clean(text))} {HELP_OFFER}"
 
 
 def greet(text: str) -> str:

@@ -25,6 +25,8 @@ REASON_REPEATED = "repeated_question"
 REASON_GENERATION = "generation_failed"
 REASON_NO_ANSWER = "no_answer"
 REASON_SAFETY = "safety"
+SAFETY_MAX_POSITIVE = 0.9
+"""P(positive) at which a safety word is read as gratitude for help already given."""
 REASON_LEGAL = "legal_threat"
 REASON_CHURN = "churn_threat"
 REASON_PROFANITY = "profanity"
@@ -53,7 +55,7 @@ _FUCK = (r"(?:mother|cluster)?f+[u*@#v]+[c*k]+k*(?:ing?|in'?|ed|er|ers|s|ery|en|
          r"|f\*+(?:ing?|in|ed|s)?|fu?c?kk?(?:ing?|in'?|ed|s)?|fkn|fcuk\w*|phuck\w*|eff(?:ing?|in'?)")
 _SHIT = r"\w*(?:sh[i1!y*]+t|s\*+t|sh\*+)\w*|s\*{3}"
 _SWEARS = (
-    _FUCK, _SHIT, "wtf+", "wth", "stfu", "gtfo", "ffs", "omfg", "bs", "what the hell",
+    _FUCK, _SHIT, "wtf+", "stfu", "gtfo", "ffs", "omfg", "bs", "what the hell",
     "hell", r"god\s?damn\w*", "damn(?:ed|it|n)?", "dammit",
     r"crap(?:py|s)?", r"(?:dumb|jack|smart)?ass(?:es|holes?|hats?)?", "arse(?:holes?)?",
     r"bitch(?:es|ing|y)?", r"piss(?:ed|es|ing)?", "bastards?", r"dick(?:s|head)?",
@@ -281,16 +283,20 @@ class EscalationPolicy:
         self, text: str, p_negative: float | None = None, p_positive: float | None = None
     ) -> Escalation | None:
         """A message that needs a person now, whatever came before: safety first (any
-        sentiment), then legal or regulator threats, churn threats, abuse, and a single
-        very negative message. Swearing and churn phrases are skipped when P(positive)
-        is high or, with no scores, when the message praises and does not complain."""
+        sentiment but plain gratitude), then legal or regulator threats, churn threats,
+        abuse, and a single very negative message. Swearing and churn phrases are skipped
+        when P(positive) is high or, with no scores, when the message praises and does not
+        complain."""
         s = self._settings
         clean = _clean(text)
         evidence: dict[str, Any] = {"p_negative": _round(p_negative)}
         if p_positive is not None:
             evidence["p_positive"] = _round(p_positive)
         safety = self._first_unnegated(self._safety, clean)
-        if safety:
+        # A thank-you for help in an emergency that is over ("thank you for your
+        # professionalism during my husband's medical emergency") needs no one urgently.
+        grateful = p_positive is not None and p_positive >= SAFETY_MAX_POSITIVE
+        if safety and not grateful:
             return Escalation(
                 REASON_SAFETY, {"signal": REASON_SAFETY, "matched": safety, **evidence}
             )

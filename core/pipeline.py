@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from core import courtesy, metrics
-from core.acts import Act, ActClassifier
+from core.acts import Act, ActClassifier, reconcile
 from core.answers import CheckedAnswer, ClaimGate, Extract, extractive_answer, substantive
 from core.channels import CustomerChannel, ReplyStream
 from core.config import Settings
@@ -41,6 +41,7 @@ from core.messages import Citation, Inbound, Kind, Reply, Sender, Suggestion, Us
 from core.operators import Operator, OperatorDesk
 from core.prompt import build_chat
 from core.recommender import NoSuggestions, Recommender, SuggestionRequest, arm_of
+from core.retrieval import Hit
 from core.sentiment import Classifier
 from core.store import Scores, SQLiteStore, StoredInbound, StoreError
 from core.text import clean_text, truncate
@@ -74,6 +75,11 @@ BACKLOG_MAX_TRIES = 5
 counted), so one bad write cannot block the answers waiting behind it."""
 CLOSE_FLUSH_S = 2.0
 """How long :meth:`Pipeline.close` tries to write the backlog before giving up on it."""
+
+
+MIXED_PRAISE_NEGATIVE = 0.5
+MIXED_COMPLAINT_NEGATIVE = 0.3
+"""Where act and sentiment disagree, the courtesy reply is a neutral thank-you."""
 
 
 class EmptyReply(GenerationError):
@@ -158,6 +164,19 @@ class Pipeline:
             metrics.BREAKER_STATE.set_function(lambda: states.get(str(breaker.state), -1))
         else:
             metrics.BREAKER_STATE.set_function(lambda: -1)
+
+    def _answerable(self, question: str, best: Hit, extract: Extract) -> bool:
+        """Whether the best passage is about the question at all: its quoted sentences close
+        enough in meaning (closer for a weakly retrieved passage), and not silent on every
+        name the question mentions (Delta One, CDG) unless very close."""
+        a = self._settings.answers
+        floor = a.min_relevance if best.score >= a.weak_score else a.weak_relevance
+        if extract.relevance < floor:
+            return False
+        names = named(question)
+        unknown = unknown_names(question, [best.text]) if names else []
+        return not (names and len(unknown) == len(names)
+                    and extract.relevance < a.names_relevance)
 
     @property
     def grounder(self) -> Grounder | None:
@@ -505,26 +524,36 @@ class Pipeline:
             await self.escalate(stored, decision)
             return "escalated"
         if act in (Act.PRAISE, Act.GREETING, Act.COMPLAINT):
-            return await self._courtesy(job, act, text)
+            return await self._courtesy(job, act, text, scores)
         return await self._answer(job, text, act)
 
     async def _act(self, text: str, scores: Scores) -> Act | None:
         if self._acts is None:
             return None
-        result = await asyncio.to_thread(
-            self._acts.classify, text, None, (scores.negative, scores.neutral, scores.positive)
+        sentiment = (scores.negative, scores.neutral, scores.positive)
+        result = reconcile(
+            await asyncio.to_thread(self._acts.classify, text, None, sentiment), text, sentiment
         )
         metrics.ACTS.labels(result.act.value).inc()
         return result.act
 
-    async def _courtesy(self, job: _Job, act: Act, text: str) -> str:
+    async def _courtesy(
+        self, job: _Job, act: Act, text: str, scores: Scores | None = None,
+    ) -> str:
         """Praise, a greeting or a complaint without a question: a fixed, honest reply (no
-        facts, no promises), never a generated one and never the no-answer hand-off."""
+        facts, no promises), never a generated one and never the no-answer hand-off. When
+        the act and the sentiment disagree (praise at P(negative) >= 0.5, a complaint below
+        0.3), a thank-you that fits either, since the wrong one would insult."""
         write = {
             Act.PRAISE: courtesy.acknowledge_praise,
             Act.GREETING: courtesy.greet,
             Act.COMPLAINT: courtesy.apologise,
         }.get(act, courtesy.clarify)
+        if scores is not None and (
+            (act is Act.PRAISE and scores.negative >= MIXED_PRAISE_NEGATIVE)
+            or (act is Act.COMPLAINT and scores.negative < MIXED_COMPLAINT_NEGATIVE)
+        ):
+            write = courtesy.acknowledge
         stored, inbound = job.stored, job.inbound
         out_id = await self.store.begin_outbound(
             stored.conversation_id, inbound.platform, Sender.BOT.value, stored.message_id
@@ -533,7 +562,7 @@ class Pipeline:
         started = time.perf_counter()
         await stream.begin()
         await self._finish_reply(out_id, stream, Reply(write(text), Sender.BOT),
-                                 {"act": act.value}, started, [])
+                                 {"act": act.value, "courtesy": write.__name__}, started, [])
         metrics.REPLIES.labels("acknowledged").inc()
         return "acknowledged"
 
@@ -685,15 +714,12 @@ class Pipeline:
                 extractive_answer, checker, text, grounding.hits,
                 settings.answers.extract_sentences,
             )
-            unknown = unknown_names(text, [grounding.hits[0].text])
-            if (extract.relevance < settings.answers.min_relevance
-                    or (unknown and extract.relevance < settings.answers.names_relevance
-                        and len(unknown) == len(named(text)))):
+            if not self._answerable(text, grounding.hits[0], extract):
                 # The best passage is about something else: a true answer to another
                 # question helps nobody, so this is a question the base cannot answer.
                 decision = Escalation(REASON_NO_ANSWER, {
                     "question": text[:200], "article": grounding.hits[0].article_id,
-                    "relevance": round(extract.relevance, 3), "unknown_names": unknown,
+                    "relevance": round(extract.relevance, 3),
                 })
                 await self.escalate(
                     stored, decision, settings.grounding.no_answer_text or NO_ANSWER_TEXT

@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import html
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -50,6 +52,11 @@ STRONG_REASONS = frozenset({
     "negative_sentiment",
 })
 """Escalation reasons that count as "escalated at once" on a conversation's first message."""
+COURTESY = {
+    "acknowledge_praise": "thanked for praise", "acknowledge": "thanked (neutral)",
+    "apologise": "apologised", "greet": "greeted", "clarify": "asked what they need",
+}
+"""``core.courtesy`` functions by what the customer read."""
 FINAL = frozenset({"pending", "processing", "received", "queued"})
 """Inbound statuses that mean the pipeline has not finished with the message yet."""
 
@@ -72,11 +79,22 @@ def load_labelled(data: str | Path, labels: str | Path) -> list[Dialog]:
         raise DataError(data, 0, "no such file (the TwACS dialogs; see ../shared/data/README.md, "
                                  "or pass --data)")
     try:
-        examples = join_rows(labels, read_column(data, "first_utterance"), data)
+        texts = read_column(data, "first_utterance")
+        examples = join_rows(labels, texts, data)
     except LabelError as exc:
         raise DataError(labels, 0, str(exc)) from None
-    return [Dialog(e.source.rsplit(":", 1)[-1], (e.text,), e.act.value)
-            for e in examples if e.text.strip()]
+    rows = [int(line.split("\t", 1)[0]) for line in
+            labels.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
+    return [Dialog(str(row), (as_sent(texts[row]),), e.act.value)
+            for row, e in zip(rows, examples, strict=True) if e.text.strip()]
+
+
+def as_sent(raw: str) -> str:
+    """A TwACS opener as the customer wrote it: the markup gone, the anonymised company
+    handle back as a handle (customers name the company: "done with @AirCo")."""
+    text = re.sub(r"</?cust__|__cust>", " ", raw).replace("__company__", "@AirCo")
+    text = html.unescape(text).replace("__cust__", " ")
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def load_dialogs(path: str | Path, limit: int, turns: int) -> list[Dialog]:
@@ -243,6 +261,8 @@ async def _annotate(pipeline: Pipeline, rows: list[dict[str, Any]]) -> None:
             if "answer" in payload or "citations" in payload:
                 answer = payload.get("answer")
                 row["citations"] = payload.get("citations", [])
+            if "courtesy" in payload:
+                row["courtesy"] = payload["courtesy"]
         row["answer"] = answer
 
 
@@ -279,7 +299,7 @@ def outcome(row: dict[str, Any]) -> str:
         answer = row.get("answer") or {}
         return "answered (extractive)" if answer.get("extractive") else "answered (generated)"
     if status == "acknowledged":
-        return f"acknowledged: {row.get('act') or 'small talk'}"
+        return f"courtesy: {COURTESY.get(row.get('courtesy', ''), row.get('courtesy', 'reply'))}"
     return status
 
 
@@ -290,12 +310,8 @@ def what_they_got(row: dict[str, Any]) -> str:
         return "handed off (no answer)"
     if got.startswith("handed off"):
         return "escalated"
-    if got == "acknowledged: complaint":
-        return "apologised"
-    if got.startswith("acknowledged: other"):
-        return "asked what they need"
-    if got.startswith("acknowledged"):
-        return "acknowledged"
+    if got.startswith("courtesy: "):
+        return got.removeprefix("courtesy: ")
     return "answered" if got.startswith("answered") else got
 
 

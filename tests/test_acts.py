@@ -205,3 +205,27 @@ def test_committed_head_is_small_and_records_its_fit() -> None:
     meta = load_head().metadata
     assert meta["class_weights"] == "balanced"
     assert int(meta["train_examples"]) > 500
+
+
+def test_reconcile_weighs_sentiment_and_direct_questions() -> None:
+    """The head's praise that the sentiment model finds very negative is a complaint; a
+    hardly negative, clearly positive "complaint" is praise; a complaint that asks the
+    company something is a question; only the rules decide a request for a person."""
+    from core.acts import ActResult, reconcile
+
+    def said(act: Act) -> ActResult:
+        return ActResult(act, 0.6, {str(a): 0.0 for a in Act})
+
+    sweat = "Flight 2471 to MIA is a sweat shop. It is 90 plus degrees on this plane."
+    assert reconcile(said(Act.PRAISE), sweat, (0.98, 0.01, 0.01)).act is Act.COMPLAINT
+    assert reconcile(said(Act.PRAISE), sweat, (0.3, 0.3, 0.4)).act is Act.PRAISE
+    privilege = "what a privilege to be on the last flight the captain flies after 41 years"
+    assert reconcile(said(Act.COMPLAINT), privilege, (0.05, 0.1, 0.85)).act is Act.PRAISE
+    assert reconcile(said(Act.COMPLAINT), privilege, (0.5, 0.1, 0.4)).act is Act.COMPLAINT
+    asks = reconcile(said(Act.COMPLAINT), "DL 445 is delayed again. Any idea what's up?",
+                     (0.8, 0.1, 0.1))
+    assert asks.act is Act.QUESTION and asks.complaint_too
+    staff = "a gate agent is harassing a woman on crutches at B3"
+    assert reconcile(said(Act.REQUEST_PERSON), staff, None).act is Act.QUESTION
+    assert reconcile(said(Act.REQUEST_PERSON), "can I talk to a real person please",
+                     None).act is Act.REQUEST_PERSON

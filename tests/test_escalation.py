@@ -112,12 +112,17 @@ def test_each_strong_signal_on_a_first_message() -> None:
             assert decision.scores["signal"] == reason and decision.scores["matched"], text
 
 
-def test_safety_escalates_whatever_the_sentiment() -> None:
-    decision = policy.decide("Thank you! The crew handled the medical emergency so well", [0.01],
-                             p_positive=0.99)
+def test_safety_escalates_whatever_the_sentiment_but_plain_gratitude() -> None:
+    decision = policy.decide("The crew ignored a medical emergency in row 12", [0.4],
+                             p_positive=0.3)
     assert decision is not None and decision.reason == REASON_SAFETY
     assert decision.scores["matched"] == "medical emergency"
-    assert decision.scores["p_positive"] == 0.99
+    assert decision.scores["p_positive"] == 0.3
+    assert policy.decide("there is smoke in the cabin, nobody is helping", [0.02],
+                         p_positive=0.5) is not None
+    # Thanks for help in an emergency that is over: acknowledged, not a ticket.
+    assert policy.decide("Thank you! The crew handled the medical emergency so well", [0.01],
+                         p_positive=0.99) is None
     assert policy.decide("nobody was hurt, just wondering about my bag", [0.2]) is None
     assert policy.decide("Can I get an emergency exit row seat?", [0.1]) is None
 
