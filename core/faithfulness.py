@@ -19,12 +19,13 @@ import functools
 import itertools
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+from core.retrieval import QueryCache
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -710,40 +711,6 @@ class Verdict:
         return self.n_dropped / self.n_claims if self.claims else 0.0
 
 
-class _VectorCache:
-    """A bounded, thread-safe LRU of sentence embeddings (read-only rows)."""
-
-    __slots__ = ("_entries", "_lock", "capacity")
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[str, NDArray[np.float32]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> NDArray[np.float32] | None:
-        with self._lock:
-            vector = self._entries.get(key)
-            if vector is not None:
-                self._entries.move_to_end(key)
-            return vector
-
-    def put(self, key: str, vector: NDArray[np.float32]) -> NDArray[np.float32]:
-        vector = np.array(vector, dtype=np.float32)
-        vector.setflags(write=False)
-        if self.capacity <= 0:
-            return vector
-        with self._lock:
-            self._entries[key] = vector
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-        return vector
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
-
-
 class FaithfulnessChecker:
     """Checks answer sentences against the retrieved passages and the customer's words.
 
@@ -775,7 +742,7 @@ class FaithfulnessChecker:
         self.threshold = threshold
         self.framing_threshold = framing_threshold
         self.extract_margin = extract_margin
-        self._cache = _VectorCache(cache_size)
+        self._cache = QueryCache(cache_size)
         self._exemplars: NDArray[np.float32] | None = None
         self._exemplar_lock = threading.Lock()
 

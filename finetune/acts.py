@@ -41,6 +41,7 @@ from core.acts import (
     rules_only,
 )
 from core.acts import Sentiment as SentimentScores
+from finetune.sentiment_head import save_head
 from finetune.tool import run_module
 
 DEFAULT_DATA = Path("../shared/data")
@@ -468,30 +469,6 @@ def train(
     }
     return FitResult(_head(w, b, metadata), validation, l2, time.perf_counter() - start,
                      praise_bias)
-
-
-def save_head(head: ActHead, path: str | Path) -> None:
-    """Safetensors with a sorted header, so refitting the same data gives the same bytes
-    (the library writes metadata in hash-map order)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        "bias": np.ascontiguousarray(head.bias, dtype="<f4"),
-        "weight": np.ascontiguousarray(head.weight, dtype="<f4"),
-    }
-    header: dict[str, object] = {"__metadata__": dict(sorted(head.metadata.items()))}
-    offset = 0
-    for name, array in tensors.items():
-        header[name] = {"dtype": "F32", "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(
-        len(raw).to_bytes(8, "little") + raw + b"".join(a.tobytes() for a in tensors.values())
-    )
-    tmp.replace(path)
 
 
 def minilm_embed() -> Embed:
