@@ -102,6 +102,21 @@ _PRAISE = re.compile(
     r"well done|good job|rock|rocks|stellar|exceptional|delightful)\b|❤|😍|👍|🙏",
     re.IGNORECASE,
 )
+_WARM = re.compile(
+    r"\b(?:thank(?!less)\w*|thx|kudos|shout ?out|appreciate\w*|grateful|gratitude|"
+    r"excellent|amazing|awesome|fantastic|wonderful|outstanding|superb|brilliant|stellar|"
+    r"spectacular|exceptional|delightful|impressed|rock ?stars?|superstars?|heroe?s?|"
+    r"lifesaver|savior|saviour|privilege|grace|gracious|above and beyond|extra mile|"
+    r"well done|great job|good job|nice job|love (?:flying|you|the)|loved)\b|❤|😍|🙏|🙌",
+    re.IGNORECASE,
+)
+"""Warm words, for :func:`sincere_praise`."""
+_WARM_TAG = re.compile(
+    r"#\w*(?:thank|kudos|excellent|amazing|awesome|fantastic|wonderful|spectacular|"
+    r"superb|stellar|rockstar|superstar|hero|greatjob|welldone|bestcrew)\w*",
+    re.IGNORECASE,
+)
+"""Warm words inside a hashtag (#crewwasspectacular), where no word boundary finds them."""
 _QUESTION_START = re.compile(
     r"(?:^|[.!?]\s+)(?:how|what|when|where|why|who|which|whom|whose|is|are|am|was|were|"
     r"do|does|did|can|could|will|would|should|shall|may|might|have|has|any|anyone|"
@@ -183,6 +198,15 @@ def rule_features(text: str) -> NDArray[np.float32]:
         bool(_THANKS.search(text)) and not sarcastic(text),
     )
     return np.array(values, dtype=np.float32) * FEATURE_SCALE
+
+
+def sincere_praise(text: str) -> bool:
+    """Whether raw ``text`` holds warm words (thanks, "excellent", "above and beyond") and
+    no cue that they are sarcastic: a "complaint" that says them gets a thank-you that fits
+    praise and criticism alike, not an apology for kind words."""
+    cleaned = clean(text)
+    warm = _WARM.search(cleaned) or _WARM_TAG.search(cleaned)
+    return bool(warm) and not sarcastic(cleaned)
 
 
 def sarcastic(text: str) -> bool:

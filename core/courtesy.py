@@ -271,6 +271,19 @@ def greet(text: str) -> str:
     return GREETING
 
 
+_STATEMENT_WORDS = 5
+
+
+def reply_to_other(text: str) -> str:
+    """A statement with content and no ask ("had an idea for first class...", "boarding
+    now, love flying with you") is thanked, as a person at the desk would; only a short or
+    unclear message gets :func:`clarify`'s question back."""
+    clean = _clean(text)
+    if "?" in clean or len(re.findall(r"[^\W\d_]{2,}", clean)) < _STATEMENT_WORDS:
+        return clarify(text)
+    return acknowledge(text)
+
+
 def clarify(text: str) -> str:
     """An unclear message gets a question back rather than a guess; ``text`` is taken so
     every reply function has the same shape."""
@@ -278,6 +291,15 @@ def clarify(text: str) -> str:
 
 
 __all__ = [
-    "GENERIC_APOLOGY", "GREETING", "HELP_OFFER", "REPLY_TO_OTHER", "acknowledge_praise",
-    "apologise", "clarify", "greet", "problem_span",
+    "GENERIC_APOLOGY",
+    "GREETING",
+    "HELP_OFFER",
+    "REPLY_TO_OTHER",
+    "acknowledge",
+    "acknowledge_praise",
+    "apologise",
+    "clarify",
+    "greet",
+    "problem_span",
+    "reply_to_other",
 ]

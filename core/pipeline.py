@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from core import courtesy, metrics
-from core.acts import Act, ActClassifier, reconcile
+from core.acts import Act, ActClassifier, reconcile, sincere_praise
 from core.answers import CheckedAnswer, ClaimGate, Extract, extractive_answer, substantive
 from core.channels import CustomerChannel, ReplyStream
 from core.config import Settings
@@ -543,16 +543,17 @@ class Pipeline:
         """Praise, a greeting or a complaint without a question: a fixed, honest reply (no
         facts, no promises), never a generated one and never the no-answer hand-off. When
         the act and the sentiment disagree (praise at P(negative) >= 0.5, a complaint below
-        0.3), a thank-you that fits either, since the wrong one would insult."""
+        0.3), or a "complaint" says warm words without sarcasm, a thank-you that fits
+        either, since the wrong one would insult. A statement with no ask is thanked."""
         write = {
             Act.PRAISE: courtesy.acknowledge_praise,
             Act.GREETING: courtesy.greet,
             Act.COMPLAINT: courtesy.apologise,
-        }.get(act, courtesy.clarify)
-        if scores is not None and (
+        }.get(act, courtesy.reply_to_other)
+        if (scores is not None and (
             (act is Act.PRAISE and scores.negative >= MIXED_PRAISE_NEGATIVE)
             or (act is Act.COMPLAINT and scores.negative < MIXED_COMPLAINT_NEGATIVE)
-        ):
+        )) or (act is Act.COMPLAINT and sincere_praise(text)):
             write = courtesy.acknowledge
         stored, inbound = job.stored, job.inbound
         out_id = await self.store.begin_outbound(

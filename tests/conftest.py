@@ -27,8 +27,12 @@ OPERATOR_TOKEN = "test-operator-token"
 
 
 def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
-    """Test settings: a fresh SQLite file, the shared model cache, short replies."""
+    """Test settings: a fresh SQLite file, the shared model cache, short replies. Answers
+    wait for the model (``mode = "generate"``) however loaded the machine is: the ``auto``
+    mode's wall-clock budget would pick the extractive answer on a busy CI box, so a test
+    of the budget asks for ``mode="auto"`` itself."""
     base: dict[str, dict[str, Any]] = {
+        "answers": {"mode": "generate"},
         "service": {"data_dir": str(DATA_DIR), "shutdown_grace_s": 5.0},
         "store": {"path": str(tmp_path / "supportbot.db")},
         "generator": {"max_new_tokens": 24, "temperature": 0.0, "timeout_s": 60.0},

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.acts import DEFAULT_HEAD, Act, ActClassifier, ActHeadError, ActResult, clean
+from core.acts import (
+    DEFAULT_HEAD,
+    Act,
+    ActClassifier,
+    ActHeadError,
+    ActResult,
+    clean,
+    sincere_praise,
+)
 from finetune import acts as tool
 
 FIXTURES = Path(__file__).parent / "fixtures" / "acts"
@@ -229,3 +237,18 @@ def test_reconcile_weighs_sentiment_and_direct_questions() -> None:
     assert reconcile(said(Act.REQUEST_PERSON), staff, None).act is Act.QUESTION
     assert reconcile(said(Act.REQUEST_PERSON), "can I talk to a real person please",
                      None).act is Act.REQUEST_PERSON
+
+
+@pytest.mark.parametrize(("text", "warm"), [
+    ("@AirCo excellent twitter customer service, every single time. Thanku", True),
+    ("Used to hate you. Flight 2170 changed that completely. #crewwasspectacular", True),
+    ("They handled an overbooked flight with grace and respect", True),
+    ("what a privilege to be on the captain's last flight", True),
+    ("thanks for the 4 hour delay", False),
+    ("Thanks for nothing", False),
+    ("what a disgrace #disgrace", False),
+    ("my flight was delayed 3 hours and nobody told us", False),
+    ("the crew was great but the gate agent was rude", False),
+])
+def test_sincere_praise_finds_warm_words_but_not_sarcasm(text: str, warm: bool) -> None:
+    assert sincere_praise(text) is warm

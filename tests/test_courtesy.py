@@ -11,11 +11,13 @@ from core.courtesy import (
     GREETING,
     HELP_OFFER,
     REPLY_TO_OTHER,
+    acknowledge,
     acknowledge_praise,
     apologise,
     clarify,
     greet,
     problem_span,
+    reply_to_other,
 )
 
 PROMISES = re.compile(r"\b(?:refund|upgrade|credit|compensation|voucher|free)", re.IGNORECASE)
@@ -109,3 +111,13 @@ def test_unclear_messages_get_a_question() -> None:
     for text in OTHERS:
         assert clarify(text) == REPLY_TO_OTHER
     assert REPLY_TO_OTHER.endswith("?")
+
+
+def test_a_statement_with_no_ask_is_thanked_and_unclear_text_is_asked_about() -> None:
+    for text in ("had an idea for first class: the first passengers to board could leave first",
+                 "Boarding my flight home to see my two boys, I love flying with you"):
+        reply = reply_to_other(text)
+        assert reply == acknowledge(text) and reply.endswith(HELP_OFFER), text
+        assert "sorry" not in reply.lower()
+    for text in (*OTHERS, "what about the seats on this one?", "ok so 12B"):
+        assert reply_to_other(text) == REPLY_TO_OTHER, text

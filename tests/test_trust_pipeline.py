@@ -118,7 +118,7 @@ async def test_too_little_supported_answers_from_the_help_centre_with_its_citati
 
 async def test_a_slow_model_is_not_waited_for(bot) -> None:
     """``auto``: no checked sentence within ``first_text_s`` and the help centre answers."""
-    pipeline, recorder, _ = await bot(FAITHFUL, delay_s=0.5, first_text_s=0.6)
+    pipeline, recorder, _ = await bot(FAITHFUL, delay_s=0.5, first_text_s=0.6, mode="auto")
     await pipeline.submit(said(RESET))
     await wait_for(lambda: recorder.replies, timeout=60)
     assert recorder.replies[0].text.startswith("Here is what our help centre says about")
@@ -159,6 +159,17 @@ async def test_a_complaint_gets_an_apology_in_its_own_words(bot) -> None:
     assert "sorry" in reply.lower() and "delayed" in reply
     assert generator.calls == 0
     assert "upgrade" not in reply and "refund" not in reply.lower()
+
+
+async def test_a_complaint_that_also_praises_is_thanked_not_apologised_to(bot) -> None:
+    pipeline, recorder, generator = await bot(INVENTED)
+    await pipeline.submit(said("The crew handled our overbooked, delayed flight with grace "
+                               "and respect."))
+    await wait_for(lambda: recorder.replies, timeout=60)
+    reply = recorder.replies[0].text
+    assert reply.startswith("Thank") and "sorry" not in reply.lower()
+    assert generator.calls == 0
+    assert await pipeline.store.query("SELECT id FROM tickets") == []
 
 
 async def test_an_unanswerable_question_is_handed_off(bot) -> None:
