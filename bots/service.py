@@ -17,6 +17,7 @@ from core.faithfulness import FaithfulnessChecker
 from core.generation import Generator
 from core.generation.model_files import ensure_hf_model
 from core.grounding import Grounder
+from core.language import LanguageDetector
 from core.pipeline import Pipeline
 from core.recommender import NoSuggestions, Recommender
 from core.retrieval import Retriever
@@ -95,6 +96,20 @@ def build_answer_checks(
     log.info("answers: acts %s, faithfulness check %s, mode %s",
              "on" if acts else "off", "on" if checker else "off", a.mode)
     return acts, checker
+
+
+async def build_language_detector(settings: Settings) -> LanguageDetector | None:
+    """The customer's language, loaded now (about 2 s) so the first message does not wait;
+    none when ``[language] detect`` is off."""
+    if not settings.language.detect:
+        log.info("language: every message read as English (detection off)")
+        return None
+    detector = LanguageDetector(tuple(settings.language.languages))
+    await asyncio.to_thread(detector.load)
+    log.info("language: detected among %s; anything but English is quoted from the help "
+             "centre under a line in that language, or handed to a person",
+             ", ".join(detector.languages))
+    return detector
 
 
 def build_adapters(settings: Settings) -> list[Adapter]:
@@ -181,7 +196,7 @@ class Service:
         self.pipeline = Pipeline(
             self.settings, self.store, self.classifier, self.generator, self.recommender,
             build_grounder(self.settings, retriever), acts=acts, checker=checker,
-            recover_first=True,
+            languages=await build_language_detector(self.settings), recover_first=True,
         )
         # Adapters accept messages from here; until recovery has queued the older
         # unanswered ones, a new message is only committed, so each conversation is

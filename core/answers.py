@@ -42,7 +42,8 @@ class CheckedAnswer:
     checked: bool = True
     reason: str = ""
     """Why the extractive answer was used: ``too_little_supported``, ``no_text_in_time``,
-    ``empty``, or ``mode`` (configured); empty when the generated answer stood."""
+    ``empty``, ``mode`` (configured), or ``language`` (the customer writes another
+    language); empty when the generated answer stood."""
 
     @property
     def withheld(self) -> tuple[str, ...]:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from core.language import LANGUAGES
+
 _STRICT = ConfigDict(extra="forbid", strict=True)
 
 
@@ -256,6 +258,27 @@ class AnswersSettings:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class LanguageSettings:
+    """The customer's language (``core/language.py``): everything the bot understands is
+    English, so another language gets the English help centre quoted under a line in that
+    language, or a person."""
+
+    detect: bool = True
+    """Off: every message is read as English."""
+    languages: list[str] = Field(default_factory=lambda: list(LANGUAGES))
+    """ISO 639-1 codes the detector chooses among (English is always one); each needs its
+    fixed lines in ``core/language.py``."""
+
+    @model_validator(mode="after")
+    def _known_languages(self) -> LanguageSettings:
+        unknown = sorted(set(self.languages) - set(LANGUAGES))
+        if unknown:
+            raise ValueError(f"'language.languages' has {', '.join(unknown)}, which has no "
+                             f"fixed lines; known: {', '.join(LANGUAGES)}")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
 class WebSettings:
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -332,6 +355,7 @@ class Settings:
     recommender: RecommenderSettings = Field(default_factory=RecommenderSettings)
     grounding: GroundingSettings = Field(default_factory=GroundingSettings)
     answers: AnswersSettings = Field(default_factory=AnswersSettings)
+    language: LanguageSettings = Field(default_factory=LanguageSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)

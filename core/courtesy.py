@@ -274,14 +274,18 @@ def greet(text: str) -> str:
 _STATEMENT_WORDS = 5
 
 
-def reply_to_other(text: str) -> str:
+def states_something(text: str) -> bool:
     """A statement with content and no ask ("had an idea for first class...", "boarding
-    now, love flying with you") is thanked, as a person at the desk would; only a short or
-    unclear message gets :func:`clarify`'s question back."""
+    now, love flying with you"), which a person at the desk would thank for; a short or
+    unclear message, or one with a question mark, is not."""
     clean = _clean(text)
-    if "?" in clean or len(re.findall(r"[^\W\d_]{2,}", clean)) < _STATEMENT_WORDS:
-        return clarify(text)
-    return acknowledge(text)
+    return "?" not in clean and len(re.findall(r"[^\W\d_]{2,}", clean)) >= _STATEMENT_WORDS
+
+
+def reply_to_other(text: str) -> str:
+    """A message that is no question, praise, complaint or greeting: thanked when it
+    :func:`states_something`, else :func:`clarify`'s question back."""
+    return acknowledge(text) if states_something(text) else clarify(text)
 
 
 def clarify(text: str) -> str:
@@ -302,4 +306,5 @@ __all__ = [
     "greet",
     "problem_span",
     "reply_to_other",
+    "states_something",
 ]

@@ -24,6 +24,7 @@ REASON_TREND = "negative_trend"
 REASON_REPEATED = "repeated_question"
 REASON_GENERATION = "generation_failed"
 REASON_NO_ANSWER = "no_answer"
+REASON_LANGUAGE = "other_language"
 REASON_SAFETY = "safety"
 SAFETY_MAX_POSITIVE = 0.9
 """P(positive) at which a safety word is read as gratitude for help already given."""
@@ -107,7 +108,7 @@ _DIRECT_ABUSE = (
 )
 _VERB = (r"(?:fly|flying|flown|book|booking|use|using|shop|shopping|bank|banking|buy|buying|order"
          r"|ordering|travel|travell?ing|choose|choosing|deal|dealing|spend|spending|recommend"
-         r"|recommending|return)")
+         r"|recommending|return|pick|picking|select|selecting)")
 _US = r"(?:you|u|y'?all|your|this|@handle|{names})"
 _CHURN = (
     r"switch(?:ing)?\s+(?:to\s+)?(?:a\s+|an\s+)?(?:another|other|different|new)?\s*"

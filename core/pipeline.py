@@ -28,6 +28,7 @@ from core.channels import CustomerChannel, ReplyStream
 from core.config import Settings
 from core.escalation import (
     REASON_GENERATION,
+    REASON_LANGUAGE,
     REASON_NO_ANSWER,
     REASON_REQUESTED,
     Escalation,
@@ -36,6 +37,7 @@ from core.escalation import (
 from core.faithfulness import FaithfulnessChecker, named, unknown_names
 from core.generation import GenerationError, GenerationParams, Generator
 from core.grounding import NO_ANSWER_TEXT, Grounder, Grounding, StreamingPlaceholderFilter
+from core.language import Detected, LanguageDetector, handoff_line, quote_intro
 from core.logs import CONVERSATION_ID
 from core.messages import Citation, Inbound, Kind, Reply, Sender, Suggestion, User
 from core.operators import Operator, OperatorDesk
@@ -77,6 +79,8 @@ CLOSE_FLUSH_S = 2.0
 """How long :meth:`Pipeline.close` tries to write the backlog before giving up on it."""
 
 
+UNKNOWN_SENTIMENT = Scores("neutral", 1 / 3, 1 / 3, 1 / 3)
+"""A message in a language the sentiment model cannot read: no label is known."""
 MIXED_PRAISE_NEGATIVE = 0.5
 MIXED_COMPLAINT_NEGATIVE = 0.3
 """Where act and sentiment disagree, the courtesy reply is a neutral thank-you."""
@@ -99,7 +103,8 @@ class Pipeline:
     __slots__ = (
         "_active", "_acts", "_apologised", "_backlog", "_checker", "_classifier", "_closing",
         "_faults",
-        "_generator", "_grounder", "_healer", "_held", "_inflight", "_params", "_parked",
+        "_generator", "_grounder", "_healer", "_held", "_inflight", "_languages", "_params",
+        "_parked",
         "_policy", "_queues", "_recommender", "_recovered", "_retry_delay", "_settings",
         "_store_retry_s", "_watchers", "_workers", "channels", "operators", "store",
     )
@@ -115,12 +120,15 @@ class Pipeline:
         *,
         acts: ActClassifier | None = None,
         checker: FaithfulnessChecker | None = None,
+        languages: LanguageDetector | None = None,
         store_retry_s: float = 1.0,
         recover_first: bool = False,
     ) -> None:
         """``acts``: conversation acts before answering (none: every message is a question);
-        ``checker``: the faithfulness check of grounded answers (none: shown unchecked)."""
+        ``checker``: the faithfulness check of grounded answers (none: shown unchecked);
+        ``languages``: the customer's language (none: every message is English)."""
         self._settings = settings
+        self._languages = languages
         self._grounder = grounder
         self._acts = acts if settings.answers.acts else None
         self._checker = checker if settings.answers.check else None
@@ -490,15 +498,22 @@ class Pipeline:
             )
             return "answered"
         text, was_cut = truncate(text, self._settings.service.max_message_chars)
-        scores = await self._classifier.classify(text)
+        detected = (await asyncio.to_thread(self._languages.detect, text)
+                    if self._languages is not None else None)
+        foreign = detected is not None and not detected.english
+        # The sentiment model reads English only: another language is "not known", neutral
+        # at even odds, so no rule that needs sentiment fires on a guess.
+        scores = UNKNOWN_SENTIMENT if foreign else await self._classifier.classify(text)
         await self.store.set_sentiment(stored.message_id, scores)
         metrics.SENTIMENT.labels(scores.label).inc()
-        act = await self._act(text, scores)
+        act = None if foreign else await self._act(text, scores)
         await self.store.log_event(
             "message", user_id=stored.user_id, conversation_id=stored.conversation_id,
             message_id=stored.message_id, value=scores.label,
             data={"p_negative": round(scores.negative, 4),
-                  **({"act": act.value} if act is not None else {})},
+                  **({"act": act.value} if act is not None else {}),
+                  **({"language": detected.language, "sentiment": "not_known"}
+                     if foreign and detected is not None else {})},
         )
         state = await self._state(stored.conversation_id)
         if state in ("escalated", "operator"):
@@ -523,6 +538,8 @@ class Pipeline:
         if decision is not None:
             await self.escalate(stored, decision)
             return "escalated"
+        if foreign and detected is not None:
+            return await self._answer_in(job, text, detected)
         if act in (Act.PRAISE, Act.GREETING, Act.COMPLAINT):
             return await self._courtesy(job, act, text, scores)
         return await self._answer(job, text, act)
@@ -549,7 +566,9 @@ class Pipeline:
             Act.PRAISE: courtesy.acknowledge_praise,
             Act.GREETING: courtesy.greet,
             Act.COMPLAINT: courtesy.apologise,
-        }.get(act, courtesy.reply_to_other)
+        }.get(act, courtesy.clarify)
+        if write is courtesy.clarify and courtesy.states_something(text):
+            write = courtesy.acknowledge
         if (scores is not None and (
             (act is Act.PRAISE and scores.negative >= MIXED_PRAISE_NEGATIVE)
             or (act is Act.COMPLAINT and scores.negative < MIXED_COMPLAINT_NEGATIVE)
@@ -566,6 +585,44 @@ class Pipeline:
                                  {"act": act.value, "courtesy": write.__name__}, started, [])
         metrics.REPLIES.labels("acknowledged").inc()
         return "acknowledged"
+
+    async def _answer_in(self, job: _Job, text: str, detected: Detected) -> str:
+        """Another language: nothing here understands it well enough to answer in it, so
+        the English help centre is quoted under one line in the customer's language when a
+        passage clearly answers, and otherwise a person takes over, told so in that
+        language. Never a generated reply: the model would answer in English or invent."""
+        stored, inbound = job.stored, job.inbound
+        extract: Extract | None = None
+        grounding = (await self._grounder.ground(text, [])
+                     if self._grounder is not None and self._checker is not None else None)
+        if grounding is not None and grounding.hits and not grounding.no_answer:
+            extract = await asyncio.to_thread(
+                extractive_answer, self._checker, text, grounding.hits,
+                self._settings.answers.extract_sentences,
+            )
+            if not self._answerable(text, grounding.hits[0], extract):
+                extract = None
+        if extract is None:
+            decision = Escalation(REASON_LANGUAGE, {
+                "language": detected.language, "confidence": round(detected.confidence, 3),
+                "text": text[:200]})
+            await self.escalate(stored, decision, handoff_line(detected.language))
+            return "escalated"
+        out_id = await self.store.begin_outbound(
+            stored.conversation_id, inbound.platform, Sender.BOT.value, stored.message_id
+        )
+        stream = self.channels[inbound.platform].open_reply(inbound.conversation_key)
+        started = time.perf_counter()
+        await stream.begin()
+        answer = CheckedAnswer(f"{quote_intro(detected.language)} {extract.text}",
+                               extract.citations, (), extractive=True, reason="language")
+        reply = Reply(answer.text, Sender.BOT, (), answer.citations)
+        await self._finish_reply(out_id, stream, reply, {
+            "language": detected.language, "citations": [c.id for c in answer.citations],
+            "answer": answer.record()}, started, [])
+        self._count_claims(answer)
+        metrics.REPLIES.labels("extractive").inc()
+        return "answered"
 
     async def _on_command(self, job: _Job) -> str:
         stored, inbound = job.stored, job.inbound

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 LABELS = ("negative", "neutral", "positive")
 DEFAULT_HEAD = Path(__file__).parent / "assets" / "sentiment_head.safetensors"
+SHIPPED_MODEL = Path(__file__).parent / "assets" / "sentiment-minilm"
+"""The fine-tuned model the service ships (see its MODEL_CARD.md): ONNX int8 only."""
+SHIPPED_ONNX = "model_int8.onnx"
+"""A folder holding this file runs it as is: no torch weights, nothing built on start."""
 
 
 @runtime_checkable
@@ -271,6 +275,11 @@ class FineTunedClassifier(_Batched):
             raise FileNotFoundError(f"sentiment model folder {self._path} has no config.json")
         if self._runtime == "onnx":
             self._load_onnx()
+        elif (self._path / SHIPPED_ONNX).is_file() and not any(
+                self._path.glob("*.safetensors")):
+            raise ValueError(f"{self._path} ships only {SHIPPED_ONNX}: set sentiment.runtime "
+                             "= \"onnx\" and quantize = \"int8\" (or point sentiment.model "
+                             "at a folder from `supportbot finetune sentiment`)")
         else:
             self._load_torch()
 
@@ -291,7 +300,14 @@ class FineTunedClassifier(_Batched):
             self._tokenizer = AutoTokenizer.from_pretrained(self._path)
             config = AutoConfig.from_pretrained(self._path)
         self._read_config(config)
-        path = onnx_cache_path(self._path, self._quantize)
+        shipped = self._path / SHIPPED_ONNX
+        if shipped.is_file():
+            if self._quantize != "int8":
+                raise ValueError(f"{self._path} ships {SHIPPED_ONNX}: set sentiment.quantize "
+                                 "= \"int8\"")
+            path = shipped
+        else:
+            path = onnx_cache_path(self._path, self._quantize)
         if not path.is_file():
             log.info("building %s from %s (once per model)", path, self._path)
             build_onnx(self._path, path, self._quantize)
@@ -374,7 +390,13 @@ def build_classifier(
     threads of the classifier's own worker thread (0: the library's default); ``runtime``
     is ``sentiment.runtime``, where ``onnx`` needs a fine-tuned folder.
     """
+    if model and Path(model).resolve() == SHIPPED_MODEL.resolve() and not (
+            SHIPPED_MODEL / SHIPPED_ONNX).is_file():
+        log.warning("sentiment: the shipped model %s is missing; falling back to the embedded "
+                    "MiniLM + head (core/assets/sentiment_head.safetensors)", SHIPPED_MODEL)
+        model, runtime, quantize = "", "torch", "none"
     if model:
+        log.info("sentiment: fine-tuned model %s (%s, %s)", model, runtime, quantize)
         return FineTunedClassifier(model, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                    quantize=quantize, threads=threads, runtime=runtime)
     if runtime not in RUNTIMES:
@@ -386,5 +408,6 @@ def build_classifier(
             f"sentiment.runtime = {runtime!r} needs a fine-tuned folder in sentiment.model; "
             "the embedded encoder + head runs on torch"
         )
+    log.info("sentiment: embedded %s encoder + head %s", encoder, head or DEFAULT_HEAD)
     return EncoderHeadClassifier(encoder, head, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                  quantize=quantize, threads=threads)

@@ -65,6 +65,8 @@ PRAISE_HINT = re.compile(
 """The keyword pre-filter for the stratified part of the training sample (LABELLING.md)."""
 SAMPLE_SIZES = (200, 250, 150)
 """Held-out plain random, training plain random, training praise-keyword openers."""
+SECOND_SAMPLE = (200, 200)
+"""A second training batch (LABELLING.md): plain random, then praise-keyword openers."""
 PRAISE_TARGET = 0.90
 """Praise recall the praise prior is raised to (the product bar), judged by
 cross-validation on the plain-random TwACS training openers (real traffic)."""
@@ -224,8 +226,13 @@ def sample_rows(openers: Sequence[str], seed: int = SEED) -> dict[str, list[int]
     order = random.Random(seed).sample(candidates, len(candidates))
     held, rnd, kw = SAMPLE_SIZES
     keyword = [i for i in order[held + rnd:] if PRAISE_HINT.search(clean(openers[i]))]
+    taken = set(keyword[:kw])
+    rest = [i for i in order[held + rnd:] if i not in taken]
+    rnd2, kw2 = SECOND_SAMPLE
+    keyword2 = [i for i in rest[rnd2:] if PRAISE_HINT.search(clean(openers[i]))]
     return {"held_out": order[:held], "train_random": order[held:held + rnd],
-            "train_keyword": keyword[:kw]}
+            "train_keyword": keyword[:kw], "train_random2": rest[:rnd2],
+            "train_keyword2": keyword2[:kw2]}
 
 
 def fit(
@@ -356,7 +363,7 @@ def choose_praise_bias(
     :data:`PRAISE_BIAS_GRID` whose praise recall reaches :data:`PRAISE_TARGET`, else the
     one with the best praise recall minus complaints acknowledged as praise."""
     y = _labels(examples)
-    judged = [i for i, e in enumerate(examples) if e.sample == "random"] or list(
+    judged = [i for i, e in enumerate(examples) if e.sample in ("random", "random2")] or list(
         range(len(examples)))
     praise = ACTS.index(Act.PRAISE)
     from core.acts import rule_act
@@ -479,10 +486,11 @@ def minilm_embed() -> Embed:
 
 
 def minilm_sentiments() -> Sentiments:
-    """The service's default sentiment classifier (embedded MiniLM + head)."""
-    from core.sentiment import build_classifier
+    """The service's default sentiment classifier: the shipped fine-tuned MiniLM (ONNX
+    int8), or the embedded MiniLM + head where the shipped folder is missing."""
+    from core.sentiment import SHIPPED_MODEL, build_classifier
 
-    classifier = build_classifier("minilm", "", "", 32, 2.0)
+    classifier = build_classifier("minilm", "", str(SHIPPED_MODEL), 32, 2.0, "int8", 1, "onnx")
     loaded = False
 
     def sentiments(texts: Sequence[str]) -> list[SentimentScores]:

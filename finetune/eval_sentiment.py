@@ -128,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
         models.extend(_head_models(args))
     except DataError as exc:
         notes.append(f"embedded head skipped: {exc}")
+    shipped = _shipped_model()
+    if shipped is not None:
+        models.append(shipped)
+    else:
+        notes.append("shipped model skipped: core/assets/sentiment-minilm is missing")
     if args.model.exists():
         try:
             models.extend(_finetuned_models(args.model))
@@ -160,6 +165,22 @@ def _head_models(args: argparse.Namespace) -> list[tuple[str, Predictor]]:
         out.append((f"embedded head (P(neg) >= {head.negative_threshold:.2f})",
                     lambda texts: head.predict(encoder.encode(texts))))
     return out
+
+
+def _shipped_model() -> tuple[str, Predictor] | None:
+    """What ``make run`` serves: the shipped folder, ONNX int8, as the service runs it."""
+    from core.sentiment import SHIPPED_MODEL, SHIPPED_ONNX, FineTunedClassifier
+
+    if not (SHIPPED_MODEL / SHIPPED_ONNX).is_file():
+        return None
+    classifier = FineTunedClassifier(SHIPPED_MODEL, runtime="onnx", quantize="int8",
+                                     threads=0)
+    classifier._load()  # offline use: no micro-batcher, no event loop
+
+    def predict(texts: Sequence[str]) -> list[int]:
+        return [LABELS.index(s.label) for s in classifier.classify_many(texts)]
+
+    return "shipped MiniLM, ONNX int8 (core/assets/sentiment-minilm; make run)", predict
 
 
 def _finetuned_models(path: Path) -> list[tuple[str, Predictor]]:
