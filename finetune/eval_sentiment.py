@@ -27,9 +27,12 @@ from finetune.sentiment_data import (
 )
 from finetune.sentiment_head import DEFAULT_CACHE
 from finetune.sentiment_head import DEFAULT_OUT as DEFAULT_HEAD
+from finetune.sentiment_ood import DEFAULT_LABELS as OOD_LABELS
+from finetune.sentiment_ood import load_ood, ood_table
 from finetune.tool import run_module
 
 DEFAULT_MODEL = Path("data/models/sentiment-minilm")
+DEFAULT_DATA_ROOT = Path("../shared/data")
 VADER_MARGIN = 0.05
 Predictor = Callable[[Sequence[str]], list[int]]
 
@@ -103,6 +106,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                         help="embedding cache ('' to disable)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--ood-labels", type=Path, default=OOD_LABELS,
+                        help="out-of-domain labels folder ('' to skip that table)")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
+                        help="shared data folder the out-of-domain labels point into")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,6 +155,15 @@ def run(args: argparse.Namespace) -> int:
     print(table(evaluate(test, models)))
     for note in notes:
         print(note)
+    if str(args.ood_labels) not in ("", "."):
+        try:
+            ood = load_ood(args.data_root, args.ood_labels)
+        except DataError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"\nout of domain ({args.ood_labels}: {len(ood)} labelled messages, never "
+              "trained on):")
+        print(ood_table(ood, [m for m in models if not m[0].startswith("majority")]))
     return 0
 
 
