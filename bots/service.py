@@ -42,6 +42,7 @@ async def build_generator(settings: Settings) -> Generator:
     from core.generation.embedded import TransformersGenerator
 
     model_dir = await asyncio.to_thread(ensure_hf_model, g.model, Path(settings.service.data_dir))
+    log.info("generator: %s in process (transformers), weights in %s", g.model, model_dir)
     return TransformersGenerator(
         model_dir, device=g.device, threads=g.threads, max_concurrent=g.max_concurrent
     )

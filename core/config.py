@@ -47,7 +47,9 @@ class StoreSettings:
 class GeneratorSettings:
     backend: Literal["transformers", "vllm"] = "transformers"
     model: str = "smollm2"
-    """``smollm2`` (the embedded GGUF, converted once) or a Hugging Face model folder."""
+    """``smollm2`` (the embedded GGUF, converted once), ``smollm2-support`` (the same with
+    the shipped LoRA adapter in ``core/assets/generator-lora`` merged in once) or a Hugging
+    Face model folder."""
     device: str = "cpu"
     threads: int = Field(default=0, ge=0)
     max_new_tokens: int = Field(default=160, gt=0)

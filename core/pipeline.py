@@ -488,6 +488,7 @@ class Pipeline:
         return str((await self.store.conversation(conversation_id))["state"])
 
     async def _on_text(self, job: _Job) -> str:
+        taken = time.perf_counter()
         stored = job.stored
         text = clean_text(job.inbound.text)
         if not text:
@@ -542,7 +543,7 @@ class Pipeline:
             return await self._answer_in(job, text, detected)
         if act in (Act.PRAISE, Act.GREETING, Act.COMPLAINT):
             return await self._courtesy(job, act, text, scores)
-        return await self._answer(job, text, act)
+        return await self._answer(job, text, act, taken)
 
     async def _act(self, text: str, scores: Scores) -> Act | None:
         if self._acts is None:
@@ -734,7 +735,13 @@ class Pipeline:
 
     # -- answering -------------------------------------------------------------------
 
-    async def _answer(self, job: _Job, text: str, act: Act | None = None) -> str:
+    async def _answer(
+        self, job: _Job, text: str, act: Act | None = None, taken: float | None = None,
+    ) -> str:
+        """A question: grounded, generated and checked, or quoted from the help centre.
+        ``taken`` is when the message was taken up: the time budget, the first-text time
+        and the latency count from there (sentiment, act and retrieval included), since
+        that is how long the customer has been waiting."""
         stored, inbound = job.stored, job.inbound
         settings = self._settings
         channel = self.channels[inbound.platform]
@@ -796,7 +803,7 @@ class Pipeline:
             stored.conversation_id, inbound.platform, Sender.BOT.value, stored.message_id
         )
         stream = channel.open_reply(inbound.conversation_key)
-        started = time.perf_counter()
+        started = time.perf_counter() if taken is None else taken
         first_token: list[float] = []
         await stream.begin()
         gate = None

@@ -395,6 +395,11 @@ def build_classifier(
         log.warning("sentiment: the shipped model %s is missing; falling back to the embedded "
                     "MiniLM + head (core/assets/sentiment_head.safetensors)", SHIPPED_MODEL)
         model, runtime, quantize = "", "torch", "none"
+    if model and (Path(model) / SHIPPED_ONNX).is_file() and not any(
+            Path(model).glob("*.safetensors")) and (runtime, quantize) != ("onnx", "int8"):
+        log.info("sentiment: %s holds only %s; running it on ONNX Runtime, int8", model,
+                 SHIPPED_ONNX)
+        runtime, quantize = "onnx", "int8"
     if model:
         log.info("sentiment: fine-tuned model %s (%s, %s)", model, runtime, quantize)
         return FineTunedClassifier(model, max_batch=max_batch, max_wait_ms=max_wait_ms,

