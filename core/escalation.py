@@ -237,10 +237,18 @@ def _compile(alternatives: Sequence[str], extra: Sequence[str]) -> re.Pattern[st
     return _rx(*alternatives, *((added,) if added else ()))
 
 
+_SWEAR_TAG = re.compile(r"#(wtf+|fuck(?:ing|in)?|f+ck(?:ing)?|shit|bullshit)(?=[a-z])",
+                        re.IGNORECASE)
+"""A hashtag that opens with a swear word (#wtfisgoingon, #fuckthisairline): the word is
+split off, so the rules read it as they would outside a hashtag."""
+
+
 def _clean(text: str) -> str:
     """Links out, and handles as ``@handle`` (@fireflyair is not a fire, but "switching to
-    @rival" is churn); curly apostrophes straightened, '#' dropped so #neveragain reads."""
+    @rival" is churn); curly apostrophes straightened, a swear word split off the hashtag
+    it opens, '#' dropped so #neveragain reads."""
     text = _MENTION.sub(" @handle ", _LINK.sub(" ", text.replace("\u2019", "'")))
+    text = _SWEAR_TAG.sub(r"\1 ", text)
     return re.sub(r"\s+", " ", text.replace("#", " ")).strip()
 
 

@@ -192,3 +192,17 @@ def test_settings_are_validated() -> None:
                 {"strong_signals": "yes"}, {"company_names": "acme"}):
         with pytest.raises(ValidationError):
             EscalationSettings(**bad)
+
+
+def test_swearing_and_churn_inside_hashtags_and_picking_us_again() -> None:
+    angry = [0.94]
+    for text, reason in (
+        ("how can you lose a bag on a one hour flight??? #wtfisgoingon", "profanity"),
+        ("#fuckthisairline delayed again", "profanity"),
+        ("either way maybe the last time I ever pick you for anything.", "churn_threat"),
+    ):
+        decision = policy.decide(text, angry, [], p_positive=0.02)
+        assert decision is not None and decision.reason == reason, text
+    assert policy.decide("this crew is #fuckingawesome", [0.05], [], p_positive=0.9) is None
+    assert policy.decide("the last time I picked you I got an upgrade, thanks!", [0.05], [],
+                         p_positive=0.9) is None
