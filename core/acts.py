@@ -103,14 +103,19 @@ _PRAISE = re.compile(
     re.IGNORECASE,
 )
 _WARM = re.compile(
-    r"\b(?:thank(?!less)\w*|thx|kudos|shout ?out|appreciate\w*|grateful|gratitude|"
+    r"\b(?:thank(?!less)\w*|thx|kudos|shout ?out|grateful|gratitude|"
     r"excellent|amazing|awesome|fantastic|wonderful|outstanding|superb|brilliant|stellar|"
     r"spectacular|exceptional|delightful|impressed|rock ?stars?|superstars?|heroe?s?|"
-    r"lifesaver|savior|saviour|privilege|grace|gracious|above and beyond|extra mile|"
+    r"lifesaver|savior|saviour|gracious|above and beyond|extra mile|"
     r"well done|great job|good job|nice job|love (?:flying|you|the)|loved)\b|❤|😍|🙏|🙌",
     re.IGNORECASE,
 )
 """Warm words, for :func:`sincere_praise`."""
+_BARE_INTERJECTION = re.compile(
+    r"^\W*(?:excellent|awesome|amazing|fantastic|wonderful|brilliant|great|perfect|"
+    r"super|lovely|nice)\s*[.,!]+\s*\S", re.IGNORECASE)
+""""Excellent, another cancelled flight": a warm word standing alone before the news is
+usually sarcasm."""
 _WARM_TAG = re.compile(
     r"#\w*(?:thank|kudos|excellent|amazing|awesome|fantastic|wonderful|spectacular|"
     r"superb|stellar|rockstar|superstar|hero|greatjob|welldone|bestcrew)\w*",
@@ -206,7 +211,7 @@ def sincere_praise(text: str) -> bool:
     praise and criticism alike, not an apology for kind words."""
     cleaned = clean(text)
     warm = _WARM.search(cleaned) or _WARM_TAG.search(cleaned)
-    return bool(warm) and not sarcastic(cleaned)
+    return bool(warm) and not sarcastic(cleaned) and not _BARE_INTERJECTION.match(cleaned)
 
 
 def sarcastic(text: str) -> bool:

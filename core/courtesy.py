@@ -272,6 +272,12 @@ def greet(text: str) -> str:
 
 
 _STATEMENT_WORDS = 5
+_ASKS = re.compile(
+    r"\b(?:please|pls|plz|need|want|would like|i'?d like|can you|could you|help|how|"
+    r"trying to|tried to|can'?t|cannot|unable|let me know|change|cancel|refund|rebook|fix)\b",
+    re.IGNORECASE)
+"""Words of a request: a statement with them wants something done, and a thank-you would
+read as if it were."""
 
 
 def states_something(text: str) -> bool:
@@ -279,7 +285,8 @@ def states_something(text: str) -> bool:
     now, love flying with you"), which a person at the desk would thank for; a short or
     unclear message, or one with a question mark, is not."""
     clean = _clean(text)
-    return "?" not in clean and len(re.findall(r"[^\W\d_]{2,}", clean)) >= _STATEMENT_WORDS
+    return ("?" not in clean and not _ASKS.search(clean)
+            and len(re.findall(r"[^\W\d_]{2,}", clean)) >= _STATEMENT_WORDS)
 
 
 def reply_to_other(text: str) -> str:

@@ -108,7 +108,7 @@ _DIRECT_ABUSE = (
 )
 _VERB = (r"(?:fly|flying|flown|book|booking|use|using|shop|shopping|bank|banking|buy|buying|order"
          r"|ordering|travel|travell?ing|choose|choosing|deal|dealing|spend|spending|recommend"
-         r"|recommending|return|pick|picking|select|selecting)")
+         r"|recommending|return)")
 _US = r"(?:you|u|y'?all|your|this|@handle|{names})"
 _CHURN = (
     r"switch(?:ing)?\s+(?:to\s+)?(?:a\s+|an\s+)?(?:another|other|different|new)?\s*"
@@ -137,6 +137,8 @@ _CHURN = (
     r"(?:lost|losing|lose)\s+(?:a|my|our|another|one|this)\s+(?:(?:loyal|long[\s-]?time|lifelong|valued)\s+)?"
     r"(?:customer|client|business|loyalty|flyer)",
     rf"(?:last|final)\s+time\s+(?:i|we)(?:'?ll|\s+will|\s+am|'?m|\s+ever)?\s*(?:ever\s+)?{_VERB}",
+    rf"(?:last|final)\s+time\s+(?:i|we)(?:'?ll|\s+will|\s+am|'?m|\s+ever)?\s*(?:ever\s+)?"
+    rf"(?:pick|select|choose)\w*\s+{_US}",
     rf"(?:last|final)\s+time\s+(?:ever\s+)?(?:flying|using|booking|shopping|banking|ordering|with\s+{_US})",
     r"boycott\w*", r"(?:with|to)\s+(?:a\s+|your\s+)?competitors?", r"your\s+competitors?",
     r"(?:booked|booking|book|flying|fly|went|going|shop|shopping|bank|banking)\s+elsewhere",

@@ -84,6 +84,9 @@ UNKNOWN_SENTIMENT = Scores("neutral", 1 / 3, 1 / 3, 1 / 3)
 MIXED_PRAISE_NEGATIVE = 0.5
 MIXED_COMPLAINT_NEGATIVE = 0.3
 """Where act and sentiment disagree, the courtesy reply is a neutral thank-you."""
+SINCERE_MAX_NEGATIVE = 0.9
+"""A "complaint" with warm words is thanked neutrally only below this P(negative): above,
+the warm words are more likely a jab than thanks, and the apology stands."""
 
 
 class EmptyReply(GenerationError):
@@ -537,7 +540,8 @@ class Pipeline:
         if decision is None and act is Act.REQUEST_PERSON:
             decision = Escalation(REASON_REQUESTED, {"text": text[:200], "act": act.value})
         if decision is not None:
-            await self.escalate(stored, decision)
+            await self.escalate(stored, decision, handoff_line(detected.language)
+                                if foreign and detected is not None else None)
             return "escalated"
         if foreign and detected is not None:
             return await self._answer_in(job, text, detected)
@@ -573,7 +577,8 @@ class Pipeline:
         if (scores is not None and (
             (act is Act.PRAISE and scores.negative >= MIXED_PRAISE_NEGATIVE)
             or (act is Act.COMPLAINT and scores.negative < MIXED_COMPLAINT_NEGATIVE)
-        )) or (act is Act.COMPLAINT and sincere_praise(text)):
+        )) or (act is Act.COMPLAINT and sincere_praise(text)
+               and (scores is None or scores.negative < SINCERE_MAX_NEGATIVE)):
             write = courtesy.acknowledge
         stored, inbound = job.stored, job.inbound
         out_id = await self.store.begin_outbound(

@@ -380,6 +380,18 @@ class FineTunedClassifier(_Batched):
         return self._session.run(None, feed)[0]
 
 
+def _beside_package(model: str) -> str:
+    """A relative folder missing under the working directory, read from the checkout the
+    package runs from instead: ``core/assets/sentiment-minilm`` works wherever the service
+    is started."""
+    path = Path(model)
+    root = SHIPPED_MODEL.parent.parent.parent
+    if model and not path.is_absolute() and not path.exists() and (
+            (root / path).exists() or (root / path).resolve() == SHIPPED_MODEL.resolve()):
+        return str(root / path)
+    return model
+
+
 def build_classifier(
     encoder: str, head: str, model: str, max_batch: int, max_wait_ms: float,
     quantize: str = "none", threads: int = 1, runtime: str = "torch",
@@ -390,6 +402,7 @@ def build_classifier(
     threads of the classifier's own worker thread (0: the library's default); ``runtime``
     is ``sentiment.runtime``, where ``onnx`` needs a fine-tuned folder.
     """
+    model = _beside_package(model)
     if model and Path(model).resolve() == SHIPPED_MODEL.resolve() and not (
             SHIPPED_MODEL / SHIPPED_ONNX).is_file():
         log.warning("sentiment: the shipped model %s is missing; falling back to the embedded "

@@ -119,5 +119,6 @@ def test_a_statement_with_no_ask_is_thanked_and_unclear_text_is_asked_about() ->
         reply = reply_to_other(text)
         assert reply == acknowledge(text) and reply.endswith(HELP_OFFER), text
         assert "sorry" not in reply.lower()
-    for text in (*OTHERS, "what about the seats on this one?", "ok so 12B"):
+    for text in (*OTHERS, "what about the seats on this one?", "ok so 12B",
+                 "I need to change my flight to tomorrow please"):
         assert reply_to_other(text) == REPLY_TO_OTHER, text

@@ -38,6 +38,8 @@ def detector() -> LanguageDetector:
     ("Olá, preciso de ajuda com minha conta", "pt"),
     ("Где мой заказ?", "ru"),
     ("注文した商品がまだ届きません", "ja"),
+    ("मेरा रिफंड कब आएगा", "hi"),
+    ("Мой заказ", "ru"),
 ])
 def test_other_languages_are_detected(detector: LanguageDetector, text: str,
                                       language: str) -> None:
@@ -51,6 +53,7 @@ def test_other_languages_are_detected(detector: LanguageDetector, text: str,
     "dfw -> mci on", "Thanks for the upgrade...#IND--CLT....#SportsBiz",
     "How do I reset my password?", "my god, is a shit show", "Zero ratings, whack.",
     "Tonight was the last straw for me", "Great to see you on my flight tonite! #GoRhody",
+    "Where is my pedido?", "😀😀",
 ])
 def test_english_and_too_short_to_tell_stay_english(detector: LanguageDetector,
                                                      text: str) -> None:

@@ -1,8 +1,10 @@
-"""The models a fresh clone serves: the shipped sentiment model answers as ``make run``
-configures it, and where its folder is missing the service says so and falls back."""
+"""The models a fresh clone serves: the shipped sentiment model and the tuned generator
+answer as ``make run`` configures them, and where their files are missing the service says
+so and falls back."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -10,6 +12,15 @@ import pytest
 
 import core.sentiment as sentiment
 from core.config import load_settings
+from core.generation import model_files
+from core.generation.base import ChatMessage, GenerationParams
+from core.generation.embedded import TransformersGenerator
+from core.generation.model_files import (
+    EMBEDDED_LLM,
+    SHIPPED_ADAPTER,
+    TUNED_LLM,
+    ensure_hf_model,
+)
 from core.sentiment import (
     SHIPPED_MODEL,
     SHIPPED_ONNX,
@@ -17,7 +28,7 @@ from core.sentiment import (
     FineTunedClassifier,
     build_classifier,
 )
-from tests.conftest import REPO
+from tests.conftest import DATA_DIR, REPO
 
 CLEAR = {
     "Thank you so much, the crew was wonderful and the flight was on time!": "positive",
@@ -50,7 +61,10 @@ def test_make_run_serves_the_shipped_sentiment_model(caplog: pytest.LogCaptureFi
     total = sum(p.stat().st_size for p in SHIPPED_MODEL.rglob("*") if p.is_file())
     assert total <= 40 * 2**20, f"shipped sentiment files are {total / 2**20:.1f} MiB"
     assert (SHIPPED_MODEL / "MODEL_CARD.md").is_file()
-    # It runs only as shipped: torch weights are not in the folder.
+    # It runs only as shipped (no torch weights in the folder): asked for torch, the
+    # classifier is built on ONNX int8; built by hand for torch, it says what to set.
+    asked = build_classifier("minilm", "", str(SHIPPED_MODEL), 32, 2.0)
+    assert isinstance(asked, FineTunedClassifier) and asked.runtime == "onnx"
     with pytest.raises(ValueError, match=r'runtime = "onnx"'):
         FineTunedClassifier(SHIPPED_MODEL, runtime="torch")._load()
     with pytest.raises(ValueError, match=r'quantize = "int8"'):
@@ -66,3 +80,42 @@ def test_a_missing_shipped_model_falls_back_with_a_clear_log_line(
         classifier = build_classifier("minilm", "", str(gone), 32, 2.0, "int8", 1, "onnx")
     assert isinstance(classifier, EncoderHeadClassifier)
     assert f"the shipped model {gone} is missing; falling back" in caplog.text
+
+
+async def test_make_run_serves_the_tuned_generator(caplog: pytest.LogCaptureFixture) -> None:
+    """``generator.model = "smollm2-support"``: the shipped adapter merged once into the data
+    folder, and the merged model answers; without the adapter, the base with a log line."""
+    spec = load_settings(REPO / "config.toml").generator.model
+    assert spec == TUNED_LLM
+    with caplog.at_level(logging.INFO, logger="core.generation.model_files"):
+        folder = await asyncio.to_thread(ensure_hf_model, spec, DATA_DIR)
+    if not (SHIPPED_ADAPTER / "adapter_model.safetensors").is_file():
+        assert "falling back to the untuned" in caplog.text
+        assert folder == await asyncio.to_thread(ensure_hf_model, EMBEDDED_LLM, DATA_DIR)
+        return
+    assert (folder / "adapter.sha256").is_file() and (SHIPPED_ADAPTER / "MODEL_CARD.md").is_file()
+    adapter_bytes = sum(p.stat().st_size for p in SHIPPED_ADAPTER.rglob("*") if p.is_file())
+    assert adapter_bytes <= 15 * 2**20, f"shipped adapter is {adapter_bytes / 2**20:.1f} MiB"
+    generator = TransformersGenerator(folder, device="cpu", threads=1, max_concurrent=1)
+    await generator.start()
+    try:
+        text = ""
+        async for piece in generator.stream(
+            [ChatMessage("system", "You are a helpful customer support assistant."),
+             ChatMessage("user", "How do I track my order?")],
+            GenerationParams(max_new_tokens=24, temperature=0.0),
+        ):
+            text += piece
+    finally:
+        await generator.close()
+    assert len(text.split()) >= 5, text
+
+
+def test_a_missing_adapter_falls_back_to_the_base_with_a_clear_log_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(model_files, "SHIPPED_ADAPTER", tmp_path / "generator-lora")
+    with caplog.at_level(logging.WARNING, logger="core.generation.model_files"):
+        folder = ensure_hf_model(TUNED_LLM, DATA_DIR)
+    assert folder == ensure_hf_model(EMBEDDED_LLM, DATA_DIR)
+    assert f"the shipped adapter {tmp_path / 'generator-lora'} is missing" in caplog.text

@@ -6,6 +6,7 @@ safetensors folder loads in well under a second and is also what vLLM serves.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -96,15 +97,29 @@ def _ensure_tuned(data_dir: Path) -> Path:
                     "untuned SmolLM2-135M-Instruct", SHIPPED_ADAPTER)
         return ensure_hf_model(EMBEDDED_LLM, data_dir)
     target = data_dir / "models" / _MERGED_NAME
-    stamp = target / "adapter.sha256"
-    digest = hashlib.sha256(adapter.read_bytes()).hexdigest()
-    if (target / "model.safetensors").is_file() and stamp.is_file() and (
-            stamp.read_text().strip() == digest):
-        return target
     base = ensure_hf_model(EMBEDDED_LLM, data_dir)
-    log.info("merging the shipped adapter %s into %s (once)", SHIPPED_ADAPTER, target)
-    _merge_adapter(base, SHIPPED_ADAPTER, target, digest)
+    weights = base / "model.safetensors"
+    digest = hashlib.sha256(adapter.read_bytes()).hexdigest()
+    digest += f" base {weights.stat().st_size} {weights.stat().st_mtime_ns}"
+    if _merged(target, digest):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One merge at a time across processes (the service and a test run can share data/).
+    with open(target.parent / ".merge.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _merged(target, digest):
+            for stale in target.parent.glob(".merge-*"):  # left by a killed merge
+                shutil.rmtree(stale, ignore_errors=True)
+            log.info("merging the shipped adapter %s into %s (once)", SHIPPED_ADAPTER, target)
+            _merge_adapter(base, SHIPPED_ADAPTER, target, digest)
     return target
+
+
+def _merged(target: Path, digest: str) -> bool:
+    """Whether ``target`` holds a complete merge of this adapter onto this base."""
+    stamp = target / "adapter.sha256"
+    return ((target / "model.safetensors").is_file() and stamp.is_file()
+            and stamp.read_text().strip() == digest)
 
 
 def _merge_adapter(base: Path, adapter: Path, target: Path, digest: str) -> None:
@@ -122,8 +137,10 @@ def _merge_adapter(base: Path, adapter: Path, target: Path, digest: str) -> None
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "adapter.sha256").write_text(digest + "\n")
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists():  # moved aside first: the rename below then never meets a folder
+            old = target.with_name(f".merge-old-{os.getpid()}")
+            os.replace(target, old)
+            shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
