@@ -155,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
     print(table(evaluate(test, models)))
     for note in notes:
         print(note)
-    if str(args.ood_labels) not in ("", "."):
+    if str(args.ood_labels) not in ("", ".") and not args.data_root.is_dir():
+        print(f"out-of-domain table skipped: {args.data_root} not found (pass --data-root)")
+    elif str(args.ood_labels) not in ("", "."):
         try:
             ood = load_ood(args.data_root, args.ood_labels)
         except DataError as exc:
