@@ -10,7 +10,9 @@ the same run:
 - ``auto`` (the product): generated and checked within ``[answers] first_text_s`` /
   ``reply_s``, else the help centre's own sentences;
 - ``generate`` (baseline): generated and checked, however long the model takes;
-- ``unchecked``: generated and shown as it streams, no check (what the service did before).
+- ``unchecked``: generated and shown as it streams, no check (what the service did before);
+- ``extract``: the help centre's own sentences only, the model never called (the floor:
+  what everything but generation costs).
 
 It prints first text and whole reply p50/p99 for each, the share answered extractively,
 and each variant's ratio to the baseline; every exchange is written to
@@ -37,6 +39,7 @@ VARIANTS = {
     "auto": {"check": True, "mode": "auto"},
     "generate": {"check": True, "mode": "generate"},
     "unchecked": {"check": False, "mode": "generate"},
+    "extract": {"check": True, "mode": "extract"},
 }
 
 
@@ -50,7 +53,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "config.toml"))
     parser.add_argument("--questions", type=int, default=24)
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["auto", "generate", "unchecked"],
+                        choices=list(VARIANTS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     asked = questions(args.questions)

@@ -42,8 +42,10 @@ class CheckedAnswer:
     checked: bool = True
     reason: str = ""
     """Why the extractive answer was used: ``too_little_supported``, ``no_text_in_time``,
-    ``empty``, ``mode`` (configured), or ``language`` (the customer writes another
-    language); empty when the generated answer stood."""
+    ``empty``, ``mode`` (configured), ``enough`` (the quote was relevant enough to answer
+    without the model), ``model_busy`` (a one-slot model was writing for another
+    conversation) or ``language`` (the customer writes another language); empty when
+    the generated answer stood."""
 
     @property
     def withheld(self) -> tuple[str, ...]:

@@ -238,10 +238,15 @@ class AnswersSettings:
     ``extract``: always quote the help centre."""
     max_sentences: int = Field(default=4, gt=0)
     """A support answer is 1-4 sentences; generation stops after this many."""
-    first_text_s: float = Field(default=1.5, gt=0)
+    first_text_s: float = Field(default=1.0, gt=0)
     """``auto``: no checked sentence by then, and the help centre's own words answer."""
     reply_s: float = Field(default=10.0, gt=0)
     """``auto``: generation stops here; the sentences that passed stay."""
+    quote_at: float = Field(default=0.65, ge=-1, le=2)
+    """``auto``: a help-centre quote at least this relevant to the question answers it at
+    once, without the model (12 of the 40 written in-scope questions, none of the
+    out-of-scope ones reaching a passage): faithful by construction and no generation time.
+    Above 1: always ask the model first."""
     extract_sentences: int = Field(default=3, gt=0)
     """Sentences quoted from the best passage in an extractive answer."""
     min_relevance: float = Field(default=0.40, ge=-1, le=1)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import contextvars
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from core import courtesy, metrics
@@ -95,6 +96,16 @@ class EmptyReply(GenerationError):
     kind = "empty"
 
 
+async def _stop_stream(pieces: AsyncIterator[str], waiting: asyncio.Future[str] | None) -> None:
+    """Stop a generation stream: the pending read cancelled and awaited first (an async
+    generator cannot be closed while a read of it runs), then the stream closed."""
+    if waiting is not None and not waiting.done():
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Exception):
+            await waiting
+    await pieces.aclose()  # type: ignore[attr-defined]
+
+
 def _healer_ended(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("the store healer stopped", exc_info=task.exception())
@@ -105,6 +116,7 @@ class Pipeline:
 
     __slots__ = (
         "_active", "_acts", "_apologised", "_backlog", "_checker", "_classifier", "_closing",
+        "_closing_streams",
         "_faults",
         "_generator", "_grounder", "_healer", "_held", "_inflight", "_languages", "_params",
         "_parked",
@@ -151,6 +163,8 @@ class Pipeline:
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._active: dict[int, asyncio.Task[str]] = {}
         self._closing = False
+        # Generation streams being stopped after the time budget ran out (see _generate).
+        self._closing_streams: set[asyncio.Future[None]] = set()
         # Message ids queued or being processed in this run: recovery never takes them twice.
         self._inflight: set[int] = set()
         # Sets that running recoveries watch: ids finished meanwhile are not queued again.
@@ -914,7 +928,11 @@ class Pipeline:
                 raise EmptyReply("the model produced an empty reply")
             return CheckedAnswer(text, citations, checked=False)
         raw = ""
-        if mode != "extract":
+        enough = mode == "auto" and extract.relevance >= self._settings.answers.quote_at
+        # A one-slot model busy with another conversation cannot write a checked sentence
+        # within the budget: quote at once rather than queue (and slow the others).
+        busy = mode == "auto" and bool(getattr(self._generator, "saturated", False))
+        if mode != "extract" and not enough and not busy:
             raw = await self._generate(chat, stream, started, first_token, facts, gate)
             if substantive(gate.claims):
                 cited = gate.citations(grounding.hits)
@@ -922,6 +940,10 @@ class Pipeline:
         left = self._budget_left(started, gate)
         if mode == "extract":
             reason = "mode"
+        elif enough:
+            reason = "enough"
+        elif busy:
+            reason = "model_busy"
         elif left is not None and left <= 0 and not gate.shown:
             reason = "no_text_in_time"
         else:
@@ -942,20 +964,27 @@ class Pipeline:
         for the whole reply is spent. Returns all the text the model wrote."""
         text = ""
         shown = StreamingPlaceholderFilter(facts)  # no raw {{Order Number}} reaches a customer
-        ended = False
+        ended = out_of_time = False
+        waiting: asyncio.Future[str] | None = None
         async with asyncio.timeout(self._settings.generator.timeout_s):
             pieces = self._generator.stream(chat, self._params)
             try:
                 while not (gate is not None and gate.full):
                     limit = self._budget_left(started, gate)
                     if limit is not None and limit <= 0:
+                        out_of_time = True
                         break
+                    # Not wait_for: on a timeout it waits until the model's step is over.
+                    waiting = asyncio.ensure_future(anext(pieces))
+                    done, _ = await asyncio.wait({waiting}, timeout=limit)
+                    if not done:
+                        out_of_time = True
+                        break
+                    next_piece, waiting = waiting, None
                     try:
-                        piece = await asyncio.wait_for(anext(pieces), limit)
+                        piece = next_piece.result()
                     except StopAsyncIteration:
                         ended = True
-                        break
-                    except TimeoutError:
                         break
                     if not first_token:
                         first_token.append((time.perf_counter() - started) * 1000)
@@ -968,7 +997,15 @@ class Pipeline:
                     elif await gate.feed(visible):
                         await stream.update(gate.shown)
             finally:
-                await pieces.aclose()  # type: ignore[attr-defined]
+                stop = _stop_stream(pieces, waiting)
+                if out_of_time:
+                    # Stopping the model can wait for the step it is in (a long prompt's
+                    # prefill takes a second or more on a CPU); the customer's answer does
+                    # not wait for that.
+                    self._closing_streams.add(closer := asyncio.ensure_future(stop))
+                    closer.add_done_callback(self._stream_closed)
+                else:
+                    await stop
         tail = shown.flush() if ended or gate is None else ""
         text += tail
         if gate is not None and ended:
@@ -976,6 +1013,11 @@ class Pipeline:
             if await gate.flush() or grew:
                 await stream.update(gate.shown)
         return text.strip()
+
+    def _stream_closed(self, closer: asyncio.Future[None]) -> None:
+        self._closing_streams.discard(closer)
+        if not closer.cancelled() and closer.exception() is not None:
+            log.warning("closing a generation stream failed: %r", closer.exception())
 
     def _budget_left(self, started: float, gate: ClaimGate | None) -> float | None:
         """Seconds left of the ``auto`` mode's budget (none: no budget, wait for the model)."""

@@ -10,6 +10,7 @@ faithfulness check.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -124,6 +125,36 @@ async def test_a_slow_model_is_not_waited_for(bot) -> None:
     assert recorder.replies[0].text.startswith("Here is what our help centre says about")
     record = json.loads((await _reply_row(pipeline))["payload"])["answer"]
     assert record["extractive_reason"] == "no_text_in_time"
+
+
+async def test_a_busy_one_slot_model_is_not_queued_behind(bot) -> None:
+    """``auto``: while the model writes for another conversation, the help centre answers."""
+    pipeline, recorder, generator = await bot(FAITHFUL, mode="auto", quote_at=2.0)
+    generator.saturated = True
+    await pipeline.submit(said(RESET))
+    await wait_for(lambda: recorder.replies, timeout=60)
+    assert recorder.replies[0].text.startswith("Here is what our help centre says about")
+    assert generator.calls == 0
+    record = json.loads((await _reply_row(pipeline))["payload"])["answer"]
+    assert record["extractive_reason"] == "model_busy"
+
+
+async def test_the_budget_does_not_wait_for_the_model_to_stop(bot) -> None:
+    """A model step that cannot be interrupted (a long prefill) keeps running after the
+    budget: the customer's quote is sent at the budget, not when the step ends."""
+    pipeline, recorder, generator = await bot(FAITHFUL, mode="auto", quote_at=2.0,
+                                              first_text_s=0.5)
+
+    async def stuck(_text: str):
+        await asyncio.shield(asyncio.sleep(4.0))  # like the embedded model's prefill
+        yield "too late."
+
+    generator._stream = stuck  # type: ignore[method-assign]
+    started = asyncio.get_running_loop().time()
+    await pipeline.submit(said(RESET))
+    await wait_for(lambda: recorder.replies, timeout=60)
+    assert asyncio.get_running_loop().time() - started < 3.0
+    assert recorder.replies[0].text.startswith("Here is what our help centre says about")
 
 
 async def test_extract_mode_never_calls_the_model(bot) -> None:

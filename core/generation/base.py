@@ -36,7 +36,9 @@ class Generator(Protocol):
     """Streams a reply to a chat as text pieces.
 
     Closing the returned iterator early (``aclose``) must stop the work behind it, so
-    a conversation handed to a person stops costing compute.
+    a conversation handed to a person stops costing compute. A backend with a fixed number
+    of slots may also have a ``saturated`` property (true while a new request would queue),
+    which a caller with a time budget reads to not queue at all.
     """
 
     def stream(

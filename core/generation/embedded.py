@@ -75,6 +75,11 @@ class TransformersGenerator:
     def name(self) -> str:
         return self._model_dir.name
 
+    @property
+    def saturated(self) -> bool:
+        """Every slot is generating: a new request would wait for one to free."""
+        return self._slots.locked()
+
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
 

@@ -33,7 +33,8 @@ class ScriptedGenerator:
     streamed word by word, or in ``pieces`` equal parts, ``delay_s`` apart.
     """
 
-    __slots__ = ("answer", "calls", "delay_s", "pieces", "prompts", "replies")
+    __slots__ = ("_stream", "answer", "calls", "delay_s", "pieces", "prompts", "replies",
+                 "saturated")
 
     def __init__(self, answer: Callable[[str], str] = _default_answer, *,
                  delay_s: float = 0.03, pieces: int = 0) -> None:
@@ -43,6 +44,9 @@ class ScriptedGenerator:
         self.replies: dict[str, str] = {}
         self.prompts: list[Sequence[ChatMessage]] = []
         self.calls = 0
+        self.saturated = False
+        """Set by a test: the model is busy, as a one-slot backend reports it."""
+        self._stream = self._words
 
     def stream(self, messages: Sequence[ChatMessage], params: GenerationParams
                ) -> AsyncIterator[str]:
@@ -57,7 +61,7 @@ class ScriptedGenerator:
         step = max(1, len(text) // self.pieces)
         return [text[at:at + step] for at in range(0, len(text), step)]
 
-    async def _stream(self, text: str) -> AsyncIterator[str]:
+    async def _words(self, text: str) -> AsyncIterator[str]:
         for piece in self._split(text):
             await asyncio.sleep(self.delay_s)
             yield piece
