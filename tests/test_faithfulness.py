@@ -404,6 +404,6 @@ def test_a_quote_skips_list_items_cut_loose_while_whole_sentences_remain(
                "- **The order itself**, if you ordered the wrong item.\n\n"
                "We update the order and you get a notification in the chat confirming "
                "the change.")
-    quoted = checker.extract("Can I change the delivery address of my order?", [passage], 1)
-    assert quoted == ["We update the order and you get a notification in the chat confirming "
-                      "the change."]
+    quoted = checker.extract("Can I change the delivery address of my order?", [passage], 3)
+    assert quoted and "The delivery address of the order." not in quoted
+    assert all(len(q.split()) >= 7 for q in quoted), quoted
