@@ -214,6 +214,17 @@ async def test_an_unanswerable_question_is_handed_off(bot) -> None:
     assert generator.calls == 0
 
 
+async def test_a_question_about_names_the_passage_never_mentions_is_handed_off(bot) -> None:
+    """A capitalised common word ("Check in") is not a name the passage knows: Heathrow and
+    Denver are not in the delivery-slot article, so it is no answer to this question."""
+    pipeline, recorder, _ = await bot(INVENTED, mode="extract")
+    await pipeline.submit(said("@AirCo Check in has opened for my 10:40am flight to Denver "
+                               "from Heathrow tomorrow morning, however when I try it's "
+                               "unavailable"))
+    await wait_for(lambda: recorder.replies, timeout=60)
+    assert recorder.replies[0].text == NO_ANSWER_TEXT, recorder.replies[0].text
+
+
 async def test_a_profane_churn_threat_escalates_on_the_first_message(bot) -> None:
     pipeline, recorder, generator = await bot(INVENTED)
     await pipeline.submit(said(
