@@ -22,7 +22,10 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_repo_config_is_valid() -> None:
     settings = load_settings(REPO / "config.toml")
     assert settings.web.port == 8080
-    assert settings.generator.model == "smollm2"
+    # make run serves the shipped models: the tuned generator and the ONNX sentiment model
+    assert settings.generator.model == "smollm2-support"
+    assert settings.sentiment.model == "core/assets/sentiment-minilm"
+    assert (settings.sentiment.runtime, settings.sentiment.quantize) == ("onnx", "int8")
 
 
 def test_unknown_key_named(tmp_path: Path) -> None:
