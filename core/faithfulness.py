@@ -711,11 +711,6 @@ class Verdict:
         return self.n_dropped / self.n_claims if self.claims else 0.0
 
 
-EXTRACT_MIN_WORDS = 7
-"""Quoted sentences shorter than this are list items or headings cut loose: skipped while
-the passage has whole sentences."""
-
-
 class FaithfulnessChecker:
     """Checks answer sentences against the retrieved passages and the customer's words.
 
@@ -777,9 +772,7 @@ class FaithfulnessChecker:
         statements = [
             s for s in readable if not s.endswith("?") and not s.lower().startswith("see ")
         ]
-        # A list item alone ("The delivery address of the order.") answers nothing.
-        whole = [s for s in statements if len(s.split()) >= EXTRACT_MIN_WORDS]
-        candidates = whole or statements or list(readable or every)
+        candidates = statements or list(readable or every)
         if not candidates:
             text = _inline_plain(_FRONT_MATTER_RE.sub("", passages[0], count=1))
             return [text] if text else []
