@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -41,10 +42,14 @@ class Customer:
         return frame
 
     async def until(self, frame_type: str, sender: str | None = None, timeout: float = 90):
-        while True:
-            frame = await self.next_frame(timeout)
-            if frame["type"] == frame_type and (sender is None or frame.get("sender") == sender):
-                return frame
+        """The next frame of this type; ``timeout`` bounds the whole wait, so a frame that
+        never comes fails the test instead of holding the suite."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.next_frame(timeout)
+                if frame["type"] == frame_type and (
+                        sender is None or frame.get("sender") == sender):
+                    return frame
 
 
 def operator_headers(name: str = "Dana") -> dict[str, str]:
