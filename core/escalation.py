@@ -241,7 +241,7 @@ def _compile(alternatives: Sequence[str], extra: Sequence[str]) -> re.Pattern[st
 
 _SWEAR_TAG = re.compile(r"#(wtf+|fuck(?:ing|in)?|f+ck(?:ing)?|shit|bullshit)(?=[a-z])",
                         re.IGNORECASE)
-"""A hashtag that opens with a swear word (#wtfisgoingon, #fuckthisairline): the word is
+"""A hashtag that opens with a swear word (#wtfisthis, #fuckthisairline): the word is
 split off, so the rules read it as they would outside a hashtag."""
 
 

@@ -82,8 +82,8 @@ CLOSE_FLUSH_S = 2.0
 
 NAMES_UNKNOWN_SHARE = 0.75
 """The passage is silent on the question's names when it lacks this share of them: one
-capitalised common word ("@AirCo Check in has opened...") must not count as a name the
-passage knows."""
+capitalised common word ("@Shop Check in is broken for my trip to Lisbon") must not count
+as a name the passage knows."""
 UNKNOWN_SENTIMENT = Scores("neutral", 1 / 3, 1 / 3, 1 / 3)
 """A message in a language the sentiment model cannot read: no label is known."""
 MIXED_PRAISE_NEGATIVE = 0.5

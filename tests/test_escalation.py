@@ -197,9 +197,9 @@ def test_settings_are_validated() -> None:
 def test_swearing_and_churn_inside_hashtags_and_picking_us_again() -> None:
     angry = [0.94]
     for text, reason in (
-        ("how can you lose a bag on a one hour flight??? #wtfisgoingon", "profanity"),
+        ("my suitcase went missing again, three trips in a row #wtfisthis", "profanity"),
         ("#fuckthisairline delayed again", "profanity"),
-        ("either way maybe the last time I ever pick you for anything.", "churn_threat"),
+        ("honestly this is the last time I pick you for a booking.", "churn_threat"),
     ):
         decision = policy.decide(text, angry, [], p_positive=0.02)
         assert decision is not None and decision.reason == reason, text
