@@ -405,17 +405,17 @@ _ASKS_COMPANY = re.compile(
     r"|(?:^|[.!?]\s+)(?:why|when|where|what|is|are|do|does|did) [^.?!]{0,80}\?",
     re.IGNORECASE,
 )
-"""A question put to the company ("any idea what's up?", "can you ...?", "why is BA36 still
-stuck?"), which a complaint that contains it still wants answered."""
+"""A question put to the company ("any idea what's up?", "can you ...?", "why is my train
+still stuck?"), which a complaint that contains it still wants answered."""
 PRAISE_MAX_NEGATIVE = 0.8
 """Praise is never strongly negative: at this P(negative) the head's praise is sarcasm or a
-complaint in disguise ("Flight 2471 is a sweat shop"). On the labelled TwACS training
+complaint in disguise ("row 30 is a sauna"). On the labelled TwACS training
 openers 5% of praise and 70% of complaints are this negative (at 0.5: 12% and 85%): an
 angry customer thanked for kind words is the worse mistake, but praise is what counts."""
 COMPLAINT_MIN_NEGATIVE = 0.2
 PRAISE_MIN_POSITIVE = 0.6
-"""A "complaint" or "other" this positive and hardly negative is praise ("what a privilege
-to be on the flight"): 74% of labelled praise, 3% of complaints, 26% of "other" (thanked,
+"""A "complaint" or "other" this positive and hardly negative is praise ("what an honour
+to fly with you"): 74% of labelled praise, 3% of complaints, 26% of "other" (thanked,
 which does no harm)."""
 
 

@@ -224,10 +224,10 @@ def test_reconcile_weighs_sentiment_and_direct_questions() -> None:
     def said(act: Act) -> ActResult:
         return ActResult(act, 0.6, {str(a): 0.0 for a in Act})
 
-    sweat = "Flight 2471 to MIA is a sweat shop. It is 90 plus degrees on this plane."
+    sweat = "Row 30 on this plane is a sauna, it must be 90 degrees in here."
     assert reconcile(said(Act.PRAISE), sweat, (0.98, 0.01, 0.01)).act is Act.COMPLAINT
     assert reconcile(said(Act.PRAISE), sweat, (0.3, 0.3, 0.4)).act is Act.PRAISE
-    privilege = "what a privilege to be on the last flight the captain flies after 41 years"
+    privilege = "what an honour to fly with a captain on his very last trip after 35 years"
     assert reconcile(said(Act.COMPLAINT), privilege, (0.05, 0.1, 0.85)).act is Act.PRAISE
     assert reconcile(said(Act.COMPLAINT), privilege, (0.5, 0.1, 0.4)).act is Act.COMPLAINT
     asks = reconcile(said(Act.COMPLAINT), "DL 445 is delayed again. Any idea what's up?",
@@ -240,8 +240,8 @@ def test_reconcile_weighs_sentiment_and_direct_questions() -> None:
 
 
 @pytest.mark.parametrize(("text", "warm"), [
-    ("@AirCo excellent twitter customer service, every single time. Thanku", True),
-    ("Used to hate you. Flight 2170 changed that completely. #crewwasspectacular", True),
+    ("@AirCo excellent chat support as always, thanks so much", True),
+    ("Never liked flying with you before, today changed my mind #crewwasamazing", True),
     ("After two gate changes the gate agent was outstanding and got us rebooked", True),
     ("Excellent crew today, thank you!", True),
     ("I paid for the privilege of sitting in a broken seat", False),
