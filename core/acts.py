@@ -121,7 +121,7 @@ _WARM_TAG = re.compile(
     r"superb|stellar|rockstar|superstar|hero|greatjob|welldone|bestcrew)\w*",
     re.IGNORECASE,
 )
-"""Warm words inside a hashtag (#crewwasspectacular), where no word boundary finds them."""
+"""Warm words inside a hashtag (#crewwasamazing), where no word boundary finds them."""
 _QUESTION_START = re.compile(
     r"(?:^|[.!?]\s+)(?:how|what|when|where|why|who|which|whom|whose|is|are|am|was|were|"
     r"do|does|did|can|could|will|would|should|shall|may|might|have|has|any|anyone|"
