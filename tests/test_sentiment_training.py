@@ -213,7 +213,8 @@ def test_eval_prints_one_table_for_all_models(
 ) -> None:
     missing_model = tmp_path / "no-model"
     args = _args(eval_sentiment, "--data", str(FIXTURE), "--head", str(trained_head),
-                 "--model", str(missing_model), "--cache-dir", str(tmp_path / "cache"))
+                 "--model", str(missing_model), "--cache-dir", str(tmp_path / "cache"),
+                 "--data-root", str(tmp_path / "no-data"))
     assert eval_sentiment.run(args) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -229,6 +230,7 @@ def test_eval_prints_one_table_for_all_models(
     head_cells = rows["embedded head (argmax)"].split("|")
     assert 0.5 <= float(head_cells[2]) <= 1.0
     assert f"fine-tuned model skipped: {missing_model} does not exist" in out
+    assert f"out-of-domain table skipped: {tmp_path / 'no-data'} not found" in out
 
 
 def test_finetune_writes_a_loadable_model_folder(
@@ -257,7 +259,8 @@ def test_finetune_writes_a_loadable_model_folder(
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
     args = _args(eval_sentiment, "--data", str(FIXTURE), "--model", str(out),
-                 "--head", str(tmp_path / "no-head.safetensors"))
+                 "--head", str(tmp_path / "no-head.safetensors"),
+                 "--data-root", str(tmp_path / "no-data"))
     assert eval_sentiment.run(args) == 0
     table = capsys.readouterr().out
     assert "| fine-tuned MiniLM (argmax) |" in table
