@@ -36,7 +36,7 @@ $(VLLM_VENV)/.installed:
 
 test: $(STAMP) $(CHROMIUM) $(VLLM_VENV)/.installed
 	$(BIN)/ruff check bots core adapters finetune tests bench
-	SUPPORTBOT_VLLM_BIN=$(VLLM_VENV)/bin/vllm $(BIN)/pytest -q
+	SUPPORTBOT_VLLM_BIN=$(VLLM_VENV)/bin/vllm $(BIN)/pytest -q --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check bots core adapters finetune tests bench
