@@ -265,6 +265,10 @@ class InstantGenerator:
     def count_tokens(self, text: str) -> int:
         return self._count(text)
 
+    @property
+    def saturated(self) -> bool:
+        return False
+
     async def start(self) -> None:
         """Nothing to load."""
 

@@ -935,7 +935,7 @@ class Pipeline:
         enough = mode == "auto" and extract.relevance >= self._settings.answers.quote_at
         # A one-slot model busy with another conversation cannot write a checked sentence
         # within the budget: quote at once rather than queue (and slow the others).
-        busy = mode == "auto" and bool(getattr(self._generator, "saturated", False))
+        busy = mode == "auto" and self._generator.saturated
         if mode != "extract" and not enough and not busy:
             raw = await self._generate(chat, stream, started, first_token, facts, gate)
             if substantive(gate.claims):

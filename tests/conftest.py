@@ -101,6 +101,8 @@ class ScriptedDraftGenerator:
     """A generator that answers with a fixed text: for tests of the operator desk, where
     the bot's wording is not what is checked (and a real model would cost a load)."""
 
+    saturated = False
+
     def __init__(self, answer: str = "Here is what I found about your order.") -> None:
         self.answer = answer
         self.calls = 0

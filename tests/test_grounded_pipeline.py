@@ -26,6 +26,8 @@ from tests.conftest import REPO, make_settings, wait_for
 class ScriptedGenerator:
     """Streams a fixed answer three characters at a time and records the prompts."""
 
+    saturated = False
+
     def __init__(self, answer: str) -> None:
         self.answer = answer
         self.prompts: list[Sequence[ChatMessage]] = []

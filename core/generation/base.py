@@ -36,10 +36,14 @@ class Generator(Protocol):
     """Streams a reply to a chat as text pieces.
 
     Closing the returned iterator early (``aclose``) must stop the work behind it, so
-    a conversation handed to a person stops costing compute. A backend with a fixed number
-    of slots may also have a ``saturated`` property (true while a new request would queue),
-    which a caller with a time budget reads to not queue at all.
+    a conversation handed to a person stops costing compute.
     """
+
+    @property
+    def saturated(self) -> bool:
+        """True while a new request would wait for a free slot, so a caller with a time
+        budget can answer another way instead of queueing."""
+        ...
 
     def stream(
         self, messages: Sequence[ChatMessage], params: GenerationParams

@@ -205,6 +205,12 @@ class VLLMGenerator:
         return self._root
 
     @property
+    def saturated(self) -> bool:
+        """Never: the server batches requests continuously, so a new one does not wait
+        for a slot here (its queue is the server's to report)."""
+        return False
+
+    @property
     def breaker(self) -> CircuitBreaker:
         return self._breaker
 
