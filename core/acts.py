@@ -103,7 +103,7 @@ _PRAISE = re.compile(
     re.IGNORECASE,
 )
 _WARM = re.compile(
-    r"\b(?:thank(?!less)\w*|thx|kudos|shout ?out|grateful|gratitude|"
+    r"\b(?:thank(?!less)\w*|thx|kudos|shout ?out|s/o|grateful|gratitude|"
     r"excellent|amazing|awesome|fantastic|wonderful|outstanding|superb|brilliant|stellar|"
     r"spectacular|exceptional|delightful|impressed|rock ?stars?|superstars?|heroe?s?|"
     r"lifesaver|savior|saviour|gracious|above and beyond|extra mile|"

@@ -50,6 +50,14 @@ NO_ANSWER_TEXT = (
     "from our support team to help you; they will reply here shortly."
 )
 """What the customer reads when the knowledge base has nothing relevant (reason ``no_answer``)."""
+NO_ANSWER_UNHAPPY_TEXT = (
+    "I'm sorry about this. I can't find an answer to it in our help centre, and I'd rather not "
+    "guess, so I've asked a person from our support team to help you; they will reply here "
+    "shortly."
+)
+"""The same for an unhappy customer (P(negative) >= 0.5): many of their "questions" are
+venting ("why do bags always take 25 minutes?"), and "I don't know the answer to that"
+reads as a shrug; an apology first fits a question and a complaint alike."""
 
 GROUNDING_INSTRUCTION = (
     "Answer only from the help-center passages below; each starts with its article id in "

@@ -37,7 +37,13 @@ from core.escalation import (
 )
 from core.faithfulness import FaithfulnessChecker, named, unknown_names
 from core.generation import GenerationError, GenerationParams, Generator
-from core.grounding import NO_ANSWER_TEXT, Grounder, Grounding, StreamingPlaceholderFilter
+from core.grounding import (
+    NO_ANSWER_TEXT,
+    NO_ANSWER_UNHAPPY_TEXT,
+    Grounder,
+    Grounding,
+    StreamingPlaceholderFilter,
+)
 from core.language import Detected, LanguageDetector, handoff_line, quote_intro
 from core.logs import CONVERSATION_ID
 from core.messages import Citation, Inbound, Kind, Reply, Sender, Suggestion, User
@@ -88,6 +94,8 @@ UNKNOWN_SENTIMENT = Scores("neutral", 1 / 3, 1 / 3, 1 / 3)
 """A message in a language the sentiment model cannot read: no label is known."""
 MIXED_PRAISE_NEGATIVE = 0.5
 MIXED_COMPLAINT_NEGATIVE = 0.3
+UNHAPPY_NEGATIVE = 0.5
+"""At this P(negative) the no-answer hand-off starts with an apology."""
 """Where act and sentiment disagree, the courtesy reply is a neutral thank-you."""
 SINCERE_MAX_NEGATIVE = 0.9
 """A "complaint" with warm words is thanked neutrally only below this P(negative): above,
@@ -565,7 +573,16 @@ class Pipeline:
             return await self._answer_in(job, text, detected)
         if act in (Act.PRAISE, Act.GREETING, Act.COMPLAINT):
             return await self._courtesy(job, act, text, scores)
-        return await self._answer(job, text, act, taken)
+        return await self._answer(job, text, act, taken, scores)
+
+    def _no_answer_text(self, scores: Scores | None) -> str:
+        """The team's own no-answer line if set; else an apology first when the customer
+        is unhappy."""
+        if self._settings.grounding.no_answer_text:
+            return self._settings.grounding.no_answer_text
+        if scores is not None and scores.negative >= UNHAPPY_NEGATIVE:
+            return NO_ANSWER_UNHAPPY_TEXT
+        return NO_ANSWER_TEXT
 
     async def _act(self, text: str, scores: Scores) -> Act | None:
         if self._acts is None:
@@ -760,6 +777,7 @@ class Pipeline:
 
     async def _answer(
         self, job: _Job, text: str, act: Act | None = None, taken: float | None = None,
+        scores: Scores | None = None,
     ) -> str:
         """A question: grounded, generated and checked, or quoted from the help centre.
         ``taken`` is when the message was taken up: the time budget, the first-text time
@@ -787,9 +805,7 @@ class Pipeline:
                 return await self._courtesy(job, Act.OTHER, text)
             if grounding.no_answer:
                 decision = Escalation(REASON_NO_ANSWER, {"question": text[:200]})
-                await self.escalate(
-                    stored, decision, settings.grounding.no_answer_text or NO_ANSWER_TEXT
-                )
+                await self.escalate(stored, decision, self._no_answer_text(scores))
                 return "escalated"
             system, citations, facts = (
                 grounding.system_prompt, grounding.citations, grounding.context
@@ -809,9 +825,7 @@ class Pipeline:
                     "question": text[:200], "article": grounding.hits[0].article_id,
                     "relevance": round(extract.relevance, 3),
                 })
-                await self.escalate(
-                    stored, decision, settings.grounding.no_answer_text or NO_ANSWER_TEXT
-                )
+                await self.escalate(stored, decision, self._no_answer_text(scores))
                 return "escalated"
         chat = build_chat(
             system, history, text,

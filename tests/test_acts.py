@@ -244,6 +244,7 @@ def test_reconcile_weighs_sentiment_and_direct_questions() -> None:
     ("Never liked flying with you before, today changed my mind #crewwasamazing", True),
     ("After two gate changes the gate agent was outstanding and got us rebooked", True),
     ("Excellent crew today, thank you!", True),
+    ("Late again, but s/o to the pilots for keeping us posted the whole time", True),
     ("I paid for the privilege of sitting in a broken seat", False),
     ("Excellent, another cancelled flight", False),
     ("Awesome. 3 hours on the tarmac.", False),

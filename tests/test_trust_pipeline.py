@@ -19,7 +19,7 @@ import pytest
 from bots.service import build_answer_checks, build_grounder, open_retriever
 from core import courtesy, metrics
 from core.answers import EXTRACTIVE_INTRO, Extract
-from core.grounding import NO_ANSWER_TEXT
+from core.grounding import NO_ANSWER_TEXT, NO_ANSWER_UNHAPPY_TEXT
 from core.messages import Inbound, User
 from core.pipeline import Pipeline
 from core.retrieval import Hit
@@ -210,6 +210,17 @@ async def test_an_unanswerable_question_is_handed_off(bot) -> None:
     await pipeline.submit(said("what would it cost in miles to waitlist for Delta One to CDG?"))
     await wait_for(lambda: recorder.replies, timeout=60)
     assert recorder.replies[0].text == NO_ANSWER_TEXT
+    tickets = await pipeline.store.query("SELECT reason FROM tickets")
+    assert [t["reason"] for t in tickets] == ["no_answer"]
+    assert generator.calls == 0
+
+
+async def test_an_unhappy_customer_s_unanswerable_question_gets_an_apology_first(bot) -> None:
+    pipeline, recorder, generator = await bot(INVENTED)
+    await pipeline.submit(said("Why is my flight to Denver still stuck at the gate?"))
+    await wait_for(lambda: recorder.replies, timeout=60)
+    assert recorder.replies[0].text == NO_ANSWER_UNHAPPY_TEXT
+    assert "don't know the answer" not in recorder.replies[0].text
     tickets = await pipeline.store.query("SELECT reason FROM tickets")
     assert [t["reason"] for t in tickets] == ["no_answer"]
     assert generator.calls == 0
