@@ -67,6 +67,9 @@ SAMPLE_SIZES = (200, 250, 150)
 """Held-out plain random, training plain random, training praise-keyword openers."""
 SECOND_SAMPLE = (200, 200)
 """A second training batch (LABELLING.md): plain random, then praise-keyword openers."""
+BLIND_SAMPLE = (1000, 400)
+"""A second held-out set, for replays only (LABELLING.md): of the seeded order less every row
+sampled above, skip this many (room for more training batches), then take this many."""
 PRAISE_TARGET = 0.90
 """Praise recall the praise prior is raised to (the product bar), judged by
 cross-validation on the plain-random TwACS training openers (real traffic)."""
@@ -215,7 +218,8 @@ def load(data: Path, labels: Path = DEFAULT_LABELS) -> Dataset:
 def sample_rows(openers: Sequence[str], seed: int = SEED) -> dict[str, list[int]]:
     """The rows the labeller read (LABELLING.md): deduplicated non-empty openers in a
     seeded shuffle; the first 200 held out, the next 250 for training, then the first 150
-    of the rest that :data:`PRAISE_HINT` matches (praise is what the product gets wrong)."""
+    of the rest that :data:`PRAISE_HINT` matches (praise is what the product gets wrong);
+    then :data:`SECOND_SAMPLE` and the replay-only :data:`BLIND_SAMPLE`."""
     seen: set[str] = set()
     candidates: list[int] = []
     for i, raw in enumerate(openers):
@@ -230,9 +234,13 @@ def sample_rows(openers: Sequence[str], seed: int = SEED) -> dict[str, list[int]
     rest = [i for i in order[held + rnd:] if i not in taken]
     rnd2, kw2 = SECOND_SAMPLE
     keyword2 = [i for i in rest[rnd2:] if PRAISE_HINT.search(clean(openers[i]))]
-    return {"held_out": order[:held], "train_random": order[held:held + rnd],
-            "train_keyword": keyword[:kw], "train_random2": rest[:rnd2],
-            "train_keyword2": keyword2[:kw2]}
+    samples = {"held_out": order[:held], "train_random": order[held:held + rnd],
+               "train_keyword": keyword[:kw], "train_random2": rest[:rnd2],
+               "train_keyword2": keyword2[:kw2]}
+    used = set().union(*samples.values())
+    skip, blind = BLIND_SAMPLE
+    samples["blind"] = [i for i in order if i not in used][skip:skip + blind]
+    return samples
 
 
 def fit(
