@@ -94,9 +94,9 @@ UNKNOWN_SENTIMENT = Scores("neutral", 1 / 3, 1 / 3, 1 / 3)
 """A message in a language the sentiment model cannot read: no label is known."""
 MIXED_PRAISE_NEGATIVE = 0.5
 MIXED_COMPLAINT_NEGATIVE = 0.3
+"""Where act and sentiment disagree, the courtesy reply is a neutral thank-you."""
 UNHAPPY_NEGATIVE = 0.5
 """At this P(negative) the no-answer hand-off starts with an apology."""
-"""Where act and sentiment disagree, the courtesy reply is a neutral thank-you."""
 SINCERE_MAX_NEGATIVE = 0.9
 """A "complaint" with warm words is thanked neutrally only below this P(negative): above,
 the warm words are more likely a jab than thanks, and the apology stands."""
