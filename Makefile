@@ -34,7 +34,10 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
-test: $(STAMP) $(CHROMIUM) $(VLLM_VENV)/.installed
+# The three set-up steps are independent (two virtual environments, a Debian package):
+# built side by side, since on a fresh machine they are most of the wait.
+test:
+	$(MAKE) --no-print-directory -j3 $(STAMP) $(CHROMIUM) $(VLLM_VENV)/.installed
 	$(BIN)/ruff check bots core adapters finetune tests bench
 	SUPPORTBOT_VLLM_BIN=$(VLLM_VENV)/bin/vllm $(BIN)/pytest -q --durations=25
 
