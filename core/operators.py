@@ -17,7 +17,7 @@ from typing import Protocol
 from core.channels import OperatorChannel
 from core.config import EscalationSettings
 from core.messages import Reply, Sender, User
-from core.store import SQLiteStore, now_iso
+from core.store import Store, now_iso
 from core.tickets import Operator, TicketView
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class OperatorDesk:
     __slots__ = ("_channels", "_pipeline", "_settings", "_store", "_watcher")
 
     def __init__(
-        self, pipeline: Conversations, store: SQLiteStore, settings: EscalationSettings
+        self, pipeline: Conversations, store: Store, settings: EscalationSettings
     ) -> None:
         self._pipeline = pipeline
         self._store = store
@@ -169,13 +169,13 @@ class OperatorDesk:
 
     async def claim(self, ticket_id: int, operator: Operator) -> TicketView:
         row = await self._active(ticket_id, "open", "claimed")
+        if row["state"] == "open" and not await self._store.claim_ticket(
+            ticket_id, operator.label, now_iso()
+        ):
+            row = await self._active(ticket_id, "claimed")
         if row["state"] == "claimed" and row["claimed_by"] != operator.label:
             raise OperatorError(f"ticket {ticket_id} is already claimed by {row['claimed_by']}")
         if row["state"] == "open":
-            await self._store.update_ticket(
-                ticket_id, "operator", state="claimed", claimed_by=operator.label,
-                claimed_at=now_iso(),
-            )
             self._pipeline.stop_generation(row["conversation_id"])
             await self._pipeline.send_to_customer(
                 row["conversation_id"],

@@ -52,7 +52,7 @@ from core.prompt import build_chat
 from core.recommender import NoSuggestions, Recommender, SuggestionRequest, arm_of
 from core.retrieval import Hit
 from core.sentiment import Classifier
-from core.store import Scores, SQLiteStore, StoredInbound, StoreError
+from core.store import Scores, Store, StoredInbound, StoreError
 from core.text import clean_text, truncate
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Pipeline:
     def __init__(
         self,
         settings: Settings,
-        store: SQLiteStore,
+        store: Store,
         classifier: Classifier,
         generator: Generator,
         recommender: Recommender | None = None,

@@ -3,8 +3,12 @@ re-announce when nobody claims, and refusals."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
+from core.operators import OperatorError
+from core.tickets import Operator
 from tests.conftest import wait_for
 from tests.test_end_to_end import Customer, operator_headers
 
@@ -99,3 +103,32 @@ async def test_unauthorised_operator_refused(web_service) -> None:
         ws = await http.ws_connect(f"{base}/api/operator/ws")
         await ws.send_json({"token": "wrong"})
         assert (await ws.receive_json(timeout=5))["type"] == "error"
+
+
+async def test_two_operators_claiming_at_once_one_wins(web_service) -> None:
+    """Two operators (two tabs, two platforms or two replicas) claim in the same instant:
+    one gets the ticket, the other a refusal that names the winner, and the customer is
+    told once who joined."""
+    base = f"http://127.0.0.1:{web_service.adapters[0].port}"
+    desk = web_service.pipeline.operators
+    async with aiohttp.ClientSession() as http:
+        for round_ in range(3):
+            customer, ticket = await _escalated(http, base, f"operators-claim-race-{round_}")
+            ann, bob = Operator("web", "Ann", "Ann"), Operator("telegram", "7", "Bob")
+            results = await asyncio.gather(
+                desk.claim(ticket["id"], ann), desk.claim(ticket["id"], bob),
+                return_exceptions=True)
+            won = [r for r in results if not isinstance(r, BaseException)]
+            lost = [r for r in results if isinstance(r, OperatorError)]
+            assert len(won) == 1 and len(lost) == 1, results
+            winner = won[0].claimed_by
+            assert str(lost[0]) == f"ticket {ticket['id']} is already claimed by {winner}"
+            name = "Ann" if winner == ann.label else "Bob"
+            joined = await customer.until("message", sender="system")
+            assert joined["text"] == f"{name} from our support team has joined the chat."
+            # Both claims have returned, so every notice either sent is stored by now.
+            notices = await web_service.store.query(
+                "SELECT m.text FROM messages m JOIN tickets t ON t.conversation_id = "
+                "m.conversation_id WHERE t.id = ? AND m.sender = 'system' AND m.text LIKE "
+                "'%has joined the chat.'", [ticket["id"]])
+            assert [n["text"] for n in notices] == [joined["text"]]
