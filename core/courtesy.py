@@ -117,6 +117,10 @@ _COMPANY_DID = re.compile(
 _CLAUSE = re.compile(r"[.!?;:\n()\"]+|,\s*|\s+-+\s+|\s+(?:but|because|although|though)\s+",
                      re.IGNORECASE)
 _MAX_WORDS = 12
+_PHRASE_STARTS = frozenset({
+    "for", "to", "at", "in", "on", "with", "from", "by", "and", "but", "so", "because",
+    "after", "before", "while", "when", "until", "since", "via", "then",
+})
 _DROPPABLE = re.compile(r"(?:ing|in'?|n'|damn|damned|bloody|crappy|shitty)\W*$", re.IGNORECASE)
 """Swear words that only intensify ("my fucking card"): dropped, the rest still reads."""
 
@@ -174,7 +178,13 @@ def _span_from_clause(clause: str) -> str | None:
         return None  # the swearing carries the sentence: skip it rather than mangle it
     kept = [w for w in chosen if w not in swears]
     kept = [w for w in kept if re.search(r"[\w$£€]", w)]
-    kept = [re.sub(r"^\W+|[^\w%$£€']+$", "", w) for w in kept][:_MAX_WORDS]
+    kept = [re.sub(r"^\W+|[^\w%$£€']+$", "", w) for w in kept]
+    if len(kept) > _MAX_WORDS:
+        # Cut before the last phrase the limit would break ("... for the next flight to
+        # get"), so the span still ends where a phrase of the customer's ends.
+        kept = kept[:_MAX_WORDS]
+        breaks = [i for i, w in enumerate(kept) if i >= 3 and w.lower() in _PHRASE_STARTS]
+        kept = kept[: breaks[-1]] if breaks else kept
     promised = [i for i, w in enumerate(kept) if _PROMISES.fullmatch(w)]
     kept = kept[: promised[0]] if promised else kept
     kept = [w.lower() if i == 0 or (len(w) > 3 and w.isupper()) else w for i, w in enumerate(kept)]
@@ -217,11 +227,16 @@ def problem_span(text: str) -> str | None:
     return None
 
 
+_SUBJECT_PRONOUNS = frozenset({"you", "you're", "you've", "you'd", "you'll"})
+
+
 def _is_clause(span: str) -> bool:
     """"your flight was delayed" takes "sorry that"; "the rude staff" takes "sorry about"."""
     words = span.split()
+    if "being" in words[1:] and words[0] not in _SUBJECT_PRONOUNS:
+        return False  # "your bag being lost" names a thing: "sorry about", not "sorry that"
     return len(words) >= 2 and (
-        words[0] in ("you", "you're", "you've", "you'd", "you'll")
+        words[0] in _SUBJECT_PRONOUNS
         or any(w in _AUXILIARIES or w.endswith("ed") or w in _PARTICIPLES for w in words[1:])
     ) and words[0] not in ("the", "a", "an")
 

@@ -53,6 +53,19 @@ def test_apology_names_the_problem_in_the_second_person(text: str, span: str) ->
     assert "team" in reply  # the hand-off offer
 
 
+@pytest.mark.parametrize(("text", "sentence"), [
+    ("You have delayed my train twice this week", "sorry about your train being delayed."),
+    ("you lost my bag AGAIN @AcmeAir #fail", "sorry about your bag being lost."),
+    ("Now I have to wait three days for the courier to bring the rest of my parcel",
+     "sorry that you have to wait three days for the courier."),
+    ("My flight was delayed", "sorry that your flight was delayed."),
+])
+def test_apology_reads_as_a_sentence(text: str, sentence: str) -> None:
+    """A thing takes "sorry about", a clause "sorry that"; a span the word limit cuts ends
+    where a phrase ends, not on a dangling "to get"."""
+    assert sentence in apologise(text).replace("Sorry to hear", "sorry")
+
+
 def test_apology_falls_back_when_nothing_clear() -> None:
     for text in ("This is terrible.", "unbelievable", "what a joke of a company, wtf",
                  "I want my money back"):
