@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 # (it pins its own torch). On a GPU machine install `vllm` there instead.
 VLLM_VENV := .venv-vllm
 
-.PHONY: run test setup lint bench clean
+.PHONY: run test setup lint bench clean postgres-server
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ setup: $(STAMP)
 $(CHROMIUM):
 	apt-get install -y chromium >/dev/null || (apt-get update >/dev/null && apt-get install -y chromium >/dev/null)
 
+# The PostgreSQL store's tests start a throwaway server cluster of their own.
+postgres-server:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt-get install -y postgresql >/dev/null \
+		|| (apt-get update >/dev/null && apt-get install -y postgresql >/dev/null)
+
 run: $(STAMP)
 	$(BIN)/supportbot run --config config.toml
 
@@ -34,10 +39,10 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
-# The three set-up steps are independent (two virtual environments, a Debian package):
+# The set-up steps are independent (two virtual environments, two Debian packages):
 # built side by side, since on a fresh machine they are most of the wait.
 test:
-	$(MAKE) --no-print-directory -j3 $(STAMP) $(CHROMIUM) $(VLLM_VENV)/.installed
+	$(MAKE) --no-print-directory -j4 $(STAMP) $(CHROMIUM) $(VLLM_VENV)/.installed postgres-server
 	$(BIN)/ruff check bots core adapters finetune tests bench
 	SUPPORTBOT_VLLM_BIN=$(VLLM_VENV)/bin/vllm $(BIN)/pytest -q --durations=25
 

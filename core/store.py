@@ -281,19 +281,29 @@ class SQLiteStore:
         self._migrate()
 
     def _migrate(self) -> None:
+        """Each step under the write lock, the version read again inside it: two processes
+        opening a new file at once migrate it once (the second finds it done)."""
         db = self.db
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"{self.path}: schema version {version} is newer than this code "
-                f"({len(MIGRATIONS)}); upgrade supportbot"
-            )
-        for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            with db.conn:
-                db.conn.execute("BEGIN")
-                for statement in filter(str.strip, script.split(";")):
+        while True:
+            db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > len(MIGRATIONS):
+                    raise StoreError(
+                        f"{self.path}: schema version {version} is newer than this code "
+                        f"({len(MIGRATIONS)}); upgrade supportbot"
+                    )
+                if version == len(MIGRATIONS):
+                    db.conn.execute("COMMIT")
+                    return
+                for statement in filter(str.strip, MIGRATIONS[version].split(";")):
                     db.conn.execute(statement)
-                db.conn.execute(f"PRAGMA user_version = {target}")
+                db.conn.execute(f"PRAGMA user_version = {version + 1}")
+                db.conn.execute("COMMIT")
+            except BaseException:
+                if db.conn.in_transaction:
+                    db.conn.execute("ROLLBACK")
+                raise
 
     async def close(self) -> None:
         if self._db is not None:
