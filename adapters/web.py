@@ -14,6 +14,7 @@ broadcast while the transcript is read is held and follows it).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -21,7 +22,7 @@ import os
 import re
 import secrets
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,7 @@ from aiohttp import WSMsgType, web
 
 from core import analytics
 from core.adapter import Adapter
-from core.analytics import Analytics, AnalyticsError
+from core.analytics import SQLITE_ONLY, Analytics, AnalyticsError
 from core.channels import CustomerChannel, OperatorChannel, ReplyStream
 from core.config import WebSettings
 from core.messages import Inbound, Kind, Reply, User
@@ -44,7 +45,7 @@ from core.operators import (
     OperatorNotFound,
 )
 from core.pipeline import Pipeline
-from core.store import StoreError
+from core.store import SQLiteStore, StoreError
 from core.tickets import TicketView
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _COMMANDS = {"start", "help", "human", "feedback"}
 MAX_OPERATOR_BODY = 64 * 1024
 MAX_JSON_DEPTH = 8
+RELAY_CHANNEL = "supportbot_web"
+"""Where customer frames go for the sockets on other replicas (PostgreSQL NOTIFY)."""
 _CSP = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data:; "
         "style-src 'self'; script-src 'self'; form-action 'self'; frame-ancestors 'none'")
 
@@ -202,14 +205,22 @@ class WebAdapter(Adapter, CustomerChannel):
     platform = PLATFORM
 
     __slots__ = (
-        "_analytics", "_held", "_operators", "_pipeline", "_runner", "_settings", "_sockets",
-        "port", "ready", "token",
+        "_analytics", "_held", "_inbox", "_operators", "_pipeline", "_relay", "_relaying",
+        "_runner", "_settings", "_sockets", "_unsubscribe", "port", "ready", "token",
     )
 
     def __init__(
-        self, settings: WebSettings, operator_token: str | None, token_file: Path | None = None
+        self, settings: WebSettings, operator_token: str | None, token_file: Path | None = None,
+        *, relay: bool = False,
     ) -> None:
+        """``relay``: the store is shared with other replicas, and a customer's socket may be
+        on any of them: frames go through the store to every replica's sockets."""
         self._settings = settings
+        self._relay = relay
+        self._inbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        """Frames from other replicas, delivered by one task in the order they came."""
+        self._relaying: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], Awaitable[None]] | None = None
         self.token = operator_token or secrets.token_urlsafe(18)
         if operator_token is None:
             # The token never goes into a log line: it is written to a file only its owner
@@ -262,7 +273,12 @@ class WebAdapter(Adapter, CustomerChannel):
 
     async def start(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
-        self._analytics = Analytics(pipeline.store.path)
+        store = pipeline.store
+        if isinstance(store, SQLiteStore):
+            self._analytics = Analytics(store.path)
+        if self._relay:
+            self._relaying = asyncio.create_task(self._deliver_relayed(), name="web-relay")
+            self._unsubscribe = await store.subscribe(RELAY_CHANNEL, self._on_relayed)
         pipeline.attach(self)
         pipeline.operators.attach(self._operators)
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
@@ -275,6 +291,16 @@ class WebAdapter(Adapter, CustomerChannel):
         log.info("web chat on http://%s:%s/ (operators: /operator)", self._settings.host, self.port)
 
     async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            try:
+                await self._unsubscribe()
+            except Exception:
+                log.exception("could not stop listening on %s", RELAY_CHANNEL)
+            self._unsubscribe = None
+        if self._relaying is not None:
+            self._relaying.cancel()
+            await asyncio.gather(self._relaying, return_exceptions=True)
+            self._relaying = None
         for group in list(self._sockets.values()):
             for ws in list(group):
                 await ws.close()
@@ -313,9 +339,47 @@ class WebAdapter(Adapter, CustomerChannel):
         }
 
     async def broadcast(self, key: str, payload: dict[str, Any]) -> None:
-        """To every open tab of the session; a closed socket is dropped quietly (the
-        transcript is re-sent when the customer reconnects). A tab still waiting for its
-        ``hello`` gets the frame after it, so the redraw cannot wipe it out."""
+        """To every open tab of the session, here and (when relaying) on other replicas."""
+        await self._send_local(key, payload)
+        if self._relay:
+            await self._publish(key, payload)
+
+    async def _publish(self, key: str, payload: dict[str, Any]) -> None:
+        """To the session's tabs on other replicas. A failure is logged and is not the
+        reply's: those tabs get the reply from the transcript when they reconnect."""
+        message = json.dumps({"key": key, "frame": payload}, ensure_ascii=False)
+        try:
+            await self.pipeline.store.publish(RELAY_CHANNEL, message)
+        except Exception as exc:
+            log.warning("could not relay a %s frame to other replicas: %s",
+                        payload.get("type"), exc)
+
+    def _on_relayed(self, message: str) -> None:
+        """A frame another replica broadcast (the store calls this; a store never hears its
+        own publications, so nothing is delivered twice)."""
+        try:
+            relayed = json.loads(message)
+            key, frame = relayed["key"], relayed["frame"]
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignored a malformed frame on %s", RELAY_CHANNEL)
+            return
+        if isinstance(key, str) and isinstance(frame, dict) and key in self._sockets:
+            self._inbox.put_nowait((key, frame))
+
+    async def _deliver_relayed(self) -> None:
+        """One task, so relayed frames reach a tab in the order they were published, and a
+        slow socket does not hold up the store's listener."""
+        while True:
+            key, frame = await self._inbox.get()
+            try:
+                await self._send_local(key, frame)
+            except Exception:
+                log.exception("could not deliver a relayed %s frame", frame.get("type"))
+
+    async def _send_local(self, key: str, payload: dict[str, Any]) -> None:
+        """To this replica's open tabs of the session; a closed socket is dropped quietly
+        (the transcript is re-sent when the customer reconnects). A tab still waiting for
+        its ``hello`` gets the frame after it, so the redraw cannot wipe it out."""
         for ws in list(self._sockets.get(key, ())):
             held = self._held.get(ws)
             if held is not None:
@@ -634,6 +698,8 @@ class WebAdapter(Adapter, CustomerChannel):
 
     async def _analytics_data(self, request: web.Request) -> web.Response:
         self._operator(request)
+        if self._analytics is None and self._pipeline is not None:
+            raise _json_error(web.HTTPServiceUnavailable, SQLITE_ONLY)
         q = request.query
         try:
             r = analytics.parse_range(q.get("since"), q.get("start") or None,

@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    db = args.db or Path(settings.store.path)
+    db = args.db or settings.store.sqlite_file("supportbot report", args.config)
     out = args.out or Path(settings.report.out_dir)
     try:
         r = analytics.parse_range(args.since, end=args.until)

@@ -8,10 +8,12 @@ import signal
 import time
 from pathlib import Path
 
+from psycopg.conninfo import make_conninfo
+
 from core import report
 from core.acts import ActClassifier
 from core.adapter import Adapter
-from core.analytics import Analytics, TimeRange, ensure_indexes
+from core.analytics import SQLITE_ONLY, Analytics, TimeRange, ensure_indexes
 from core.config import ConfigError, Settings
 from core.faithfulness import FaithfulnessChecker
 from core.generation import Generator
@@ -20,11 +22,27 @@ from core.grounding import Grounder
 from core.language import LanguageDetector
 from core.pipeline import Pipeline
 from core.recommender import NoSuggestions, Recommender
+from core.replicas import default_replica_id
 from core.retrieval import Retriever
 from core.sentiment import build_classifier
 from core.store import SQLiteStore
+from core.store_postgres import PostgresStore, describe_url
 
 log = logging.getLogger(__name__)
+
+
+def build_store(settings: Settings) -> SQLiteStore | PostgresStore:
+    """PostgreSQL when ``store.url`` is set (the password only from the environment),
+    else the embedded SQLite file."""
+    s = settings.store
+    if not s.url:
+        log.info("store: SQLite at %s", s.path)
+        return SQLiteStore(s.path, busy_timeout_ms=s.busy_timeout_ms)
+    password = settings.secret(s.password_env)
+    url = make_conninfo(s.url, password=password) if password else s.url
+    log.info("store: PostgreSQL at %s (pool %d-%d, password %s)", describe_url(s.url),
+             s.pool_min, s.pool_max, f"from ${s.password_env}" if password else "none")
+    return PostgresStore(url, min_size=s.pool_min, max_size=s.pool_max)
 
 
 async def build_generator(settings: Settings) -> Generator:
@@ -60,7 +78,7 @@ async def open_retriever(settings: Settings) -> Retriever | None:
 
 
 async def build_recommender(
-    settings: Settings, store: SQLiteStore, retriever: Retriever | None
+    settings: Settings, store: SQLiteStore | PostgresStore, retriever: Retriever | None
 ) -> Recommender:
     if not settings.recommender.enabled:
         return NoSuggestions()
@@ -122,6 +140,7 @@ def build_adapters(settings: Settings) -> list[Adapter]:
         adapters.append(WebAdapter(
             settings.web, settings.secret(settings.web.operator_token_env),
             token_file=Path(settings.service.data_dir) / "operator-token",
+            relay=bool(settings.store.url),
         ))
     if settings.telegram.enabled:
         from adapters.telegram import TelegramAdapter
@@ -165,9 +184,7 @@ class Service:
     def __init__(self, settings: Settings, adapters: list[Adapter] | None = None) -> None:
         self.settings = settings
         self.adapters = adapters if adapters is not None else build_adapters(settings)
-        self.store = SQLiteStore(
-            settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms
-        )
+        self.store = build_store(settings)
         s = settings.sentiment
         self.classifier = build_classifier(
             s.encoder, s.head, s.model, s.max_batch, s.max_wait_ms, quantize=s.quantize,
@@ -181,12 +198,16 @@ class Service:
 
     async def start(self) -> Pipeline:
         await self.store.open()
-        # The analytics indexes, built before any traffic (on a large database the first
-        # build takes seconds, which would otherwise hold up the store's writes).
-        created = await asyncio.to_thread(ensure_indexes, self.store.path)
-        if created:
-            log.info("created analytics indexes: %s", ", ".join(created))
-        self._analytics = Analytics(self.store.path)
+        if isinstance(self.store, SQLiteStore):
+            # The analytics indexes, built before any traffic (on a large database the first
+            # build takes seconds, which would otherwise hold up the store's writes).
+            created = await asyncio.to_thread(ensure_indexes, self.store.path)
+            if created:
+                log.info("created analytics indexes: %s", ", ".join(created))
+            self._analytics = Analytics(self.store.path)
+        else:
+            log.warning("%s%s", SQLITE_ONLY, " ([report] enabled is ignored)"
+                        if self.settings.report.enabled else "")
         # One model load at a time: transformers' meta-device loading is not thread-safe.
         self.generator = await build_generator(self.settings)
         await self.generator.start()
@@ -198,6 +219,8 @@ class Service:
             self.settings, self.store, self.classifier, self.generator, self.recommender,
             build_grounder(self.settings, retriever), acts=acts, checker=checker,
             languages=await build_language_detector(self.settings), recover_first=True,
+            replica=self._replica(), lease_ttl_s=self.settings.service.lease_ttl_s,
+            sweep_s=self.settings.service.sweep_interval_s,
         )
         # Adapters accept messages from here; until recovery has queued the older
         # unanswered ones, a new message is only committed, so each conversation is
@@ -206,10 +229,21 @@ class Service:
             await adapter.start(self.pipeline)
         await self.pipeline.recover()
         self.pipeline.operators.start()
-        if self.settings.report.enabled:
+        if self.settings.report.enabled and self._analytics is not None:
             self._reporter = asyncio.create_task(self._report_loop(), name="sentiment-report")
         self._set_ready(True)
         return self.pipeline
+
+    def _replica(self) -> str | None:
+        """On PostgreSQL several replicas may share the database, and this one answers only
+        the conversations it holds a lease on; SQLite has one process and no leases."""
+        if not isinstance(self.store, PostgresStore):
+            return None
+        s = self.settings.service
+        replica = s.replica_id or default_replica_id()
+        log.info("replica %r: conversation leases of %.0f s, swept every %.1f s",
+                 replica, s.lease_ttl_s, s.sweep_interval_s)
+        return replica
 
     def _set_ready(self, ready: bool) -> None:
         """Tell adapters that serve a readiness probe (the web adapter's ``/readyz``)."""
@@ -221,8 +255,10 @@ class Service:
         """Build the sentiment report for the last period, post it to every operator channel
         (one that fails is logged; the others still get it), then write it to ``out_dir``
         (a disk error is logged and keeps no channel from getting it)."""
-        if self.pipeline is None or self._analytics is None:
+        if self.pipeline is None:
             raise RuntimeError("the service is not started")
+        if self._analytics is None:
+            raise RuntimeError(f"{SQLITE_ONLY} (store.url is PostgreSQL)")
         settings = self.settings.report
         r = TimeRange.last(settings.period_s)
         built = await self._analytics.call(lambda conn: report.build(conn, r))

@@ -25,6 +25,9 @@ from typing import Any, Literal, TypeVar
 T = TypeVar("T")
 Bucket = Literal["hour", "day"]
 
+SQLITE_ONLY = "analytics dashboard and reports: SQLite only for now"
+"""Why there are none on PostgreSQL: every query here reads the SQLite file directly."""
+
 # name -> DDL; every statement is idempotent so any process may run them at any time.
 INDEXES: dict[str, str] = {
     "events_analytics_value": "CREATE INDEX IF NOT EXISTS events_analytics_value "

@@ -12,13 +12,27 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from psycopg import Error as PsycopgError
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import (
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 from core.language import LANGUAGES
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
+_NO_ECHO = "config_no_echo"
+"""Error type whose offending value is not repeated in the message (it may hold a secret)."""
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 class ConfigError(Exception):
@@ -35,12 +49,65 @@ class ServiceSettings:
     """``json``: one JSON object a line, with the conversation id when there is one."""
     redact_logs: bool = True
     """Emails, phone and card numbers in log lines are replaced by placeholders."""
+    replica_id: str = ""
+    """This replica's name when several share one PostgreSQL database (empty: the host
+    name); it owns the conversations it answers, so two replicas must never share one."""
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    """A replica's hold on a conversation lapses this long after its last renewal, and
+    another replica takes the conversation over."""
+    sweep_interval_s: float = Field(default=1.0, gt=0)
+    """How often a replica looks for conversations nobody holds (its own leases are
+    renewed every third of ``lease_ttl_s``)."""
 
 
 @dataclass(frozen=True, config=_STRICT)
 class StoreSettings:
     path: str = "data/supportbot.db"
+    """The SQLite file, used while ``url`` is empty."""
     busy_timeout_ms: int = Field(default=5000, ge=0)
+    url: str = ""
+    """``postgresql://user@host:port/db``: one database for several replicas; empty:
+    the embedded SQLite file at ``path``."""
+    password_env: str = "SUPPORTBOT_DB_PASSWORD"
+    """The environment variable holding the database password (never the URL)."""
+    pool_min: int = Field(default=1, ge=1)
+    pool_max: int = Field(default=4, ge=1)
+    """Connections the PostgreSQL pool keeps open, and the most it opens."""
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, url: str) -> str:
+        """A password in the file is read by whoever reads the config, so only the
+        environment may hold it; the message never repeats the URL, which may hold one."""
+        if not url:
+            return url
+        if urlsplit(url).scheme not in POSTGRES_SCHEMES:
+            raise PydanticCustomError(_NO_ECHO, "must be empty (SQLite at store.path) or a "
+                                      "postgresql:// (or postgres://) URL")
+        try:
+            params = conninfo_to_dict(url)
+        except PsycopgError:
+            raise PydanticCustomError(_NO_ECHO, "not a valid PostgreSQL URL") from None
+        if params.get("password"):
+            raise PydanticCustomError(
+                _NO_ECHO, "holds a password; put it in the environment variable named "
+                "by store.password_env instead")
+        return url
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> StoreSettings:
+        if self.pool_min > self.pool_max:
+            raise ValueError(f"'store.pool_min' ({self.pool_min}) is larger than "
+                             f"'store.pool_max' ({self.pool_max})")
+        return self
+
+    def sqlite_file(self, what: str, source: str) -> Path:
+        """The SQLite file, for tools that read it directly: on PostgreSQL they would read
+        a stale file or none, so they are stopped with the reason instead."""
+        if self.url:
+            raise ConfigError(f"{source}: {what} reads the SQLite store only for now, and "
+                              "store.url points at PostgreSQL (pass --db with a SQLite file)")
+        return Path(self.path)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -384,6 +451,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"unknown key '{key}'"
     if kind == "missing":
         return f"missing required key '{key}'"
+    if kind == _NO_ECHO:
+        return f"key '{key}': {err['msg']}"
     return f"key '{key}': {err['msg']} (got {err.get('input')!r})"
 
 

@@ -104,11 +104,7 @@ class OperatorDesk:
 
     async def _view(self, row: dict) -> TicketView:
         conv = await self._store.conversation(row["conversation_id"])
-        last = await self._store.query(
-            "SELECT text FROM messages WHERE conversation_id = ? AND direction = 'in' "
-            "AND kind = 'text' ORDER BY id DESC LIMIT 1",
-            [conv["id"]],
-        )
+        last = await self._store.last_customer_text(conv["id"])
         trend = await self._store.recent_negative(conv["id"], 10)
         return TicketView(
             id=row["id"],
@@ -121,7 +117,7 @@ class OperatorDesk:
             scores=json.loads(row["scores"]),
             created_at=datetime.fromisoformat(row["created_at"]),
             claimed_by=row["claimed_by"],
-            last_customer_text=last[0]["text"] if last else "",
+            last_customer_text=last or "",
             sentiment_trend=tuple(round(p, 3) for p in trend),
             note=row["note"],
         )
@@ -260,11 +256,7 @@ class OperatorDesk:
         if me["display_name"].strip():
             linked = {a["id"] for a in accounts}
             candidates = [
-                r for r in await self._store.query(
-                    "SELECT id, platform, platform_user_id, display_name FROM users "
-                    "WHERE display_name = ? COLLATE NOCASE ORDER BY id DESC LIMIT 10",
-                    [me["display_name"].strip()],
-                )
+                r for r in await self._store.users_named(me["display_name"].strip(), 10)
                 if r["id"] not in linked
             ][:5]
         for c in conversations:

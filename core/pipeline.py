@@ -50,12 +50,18 @@ from core.messages import Citation, Inbound, Kind, Reply, Sender, Suggestion, Us
 from core.operators import Operator, OperatorDesk
 from core.prompt import build_chat
 from core.recommender import NoSuggestions, Recommender, SuggestionRequest, arm_of
+from core.replicas import LeaseLost, Leases
 from core.retrieval import Hit
 from core.sentiment import Classifier
 from core.store import Scores, Store, StoredInbound, StoreError
 from core.text import clean_text, truncate
 
 log = logging.getLogger(__name__)
+
+_ANSWERING: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "answering", default=None)
+"""The conversation whose message the current task is answering (set by the worker):
+the replies it sends are fenced by that conversation's lease."""
 
 STORE_FALLBACK_TEXT = (
     "Sorry, we have a technical problem and could not answer just now. Your message is "
@@ -102,6 +108,21 @@ SINCERE_MAX_NEGATIVE = 0.9
 the warm words are more likely a jab than thanks, and the apology stands."""
 
 
+def _job_from_row(row: Mapping) -> _Job:
+    """An unanswered message as the store returns it, ready to queue again."""
+    inbound = Inbound(
+        platform=row["platform"],
+        conversation_key=row["conversation_key"],
+        user=User(row["platform"], row["platform_user_id"], row["display_name"]),
+        platform_message_id=row["platform_message_id"],
+        text=row["text"],
+        kind=Kind(row["kind"]),
+        payload=row["payload"],
+    )
+    stored = StoredInbound(row["id"], row["conversation_id"], row["user_id"], row["state"])
+    return _Job(stored.message_id, inbound, stored)
+
+
 class EmptyReply(GenerationError):
     """The model streamed nothing visible."""
 
@@ -128,12 +149,10 @@ class Pipeline:
 
     __slots__ = (
         "_active", "_acts", "_apologised", "_backlog", "_checker", "_classifier", "_closing",
-        "_closing_streams",
-        "_faults",
-        "_generator", "_grounder", "_healer", "_held", "_inflight", "_languages", "_params",
-        "_parked",
-        "_policy", "_queues", "_recommender", "_recovered", "_retry_delay", "_settings",
-        "_store_retry_s", "_watchers", "_workers", "channels", "operators", "store",
+        "_closing_streams", "_coordinator", "_faults", "_generator", "_grounder", "_healer",
+        "_held", "_inflight", "_languages", "_leases", "_params", "_parked", "_policy",
+        "_queues", "_recommender", "_recovered", "_retry_delay", "_settings", "_store_retry_s",
+        "_watchers", "_workers", "channels", "operators", "store",
     )
 
     def __init__(
@@ -150,10 +169,16 @@ class Pipeline:
         languages: LanguageDetector | None = None,
         store_retry_s: float = 1.0,
         recover_first: bool = False,
+        replica: str | None = None,
+        lease_ttl_s: float = 30.0,
+        sweep_s: float = 1.0,
     ) -> None:
         """``acts``: conversation acts before answering (none: every message is a question);
         ``checker``: the faithfulness check of grounded answers (none: shown unchecked);
-        ``languages``: the customer's language (none: every message is English)."""
+        ``languages``: the customer's language (none: every message is English);
+        ``replica``: this replica's id when several share the database (none: this
+        process is the only one, as with SQLite): conversations are then answered under
+        leases (``core.replicas``), and what no live replica holds is swept up."""
         self._settings = settings
         self._languages = languages
         self._grounder = grounder
@@ -195,6 +220,9 @@ class Pipeline:
         self._apologised: set[int] = set()  # at most one apology per message
         self._parked: set[int] = set()  # left unanswered by a fault, not queued
         self._faults = 0
+        self._leases = (Leases(store, replica, lease_ttl_s, sweep_s)
+                        if replica is not None else None)
+        self._coordinator: asyncio.Task[None] | None = None
         breaker = getattr(generator, "breaker", None)
         if breaker is not None:
             states = {"closed": 0, "half_open": 1, "open": 2}
@@ -246,6 +274,8 @@ class Pipeline:
             return False
         metrics.MESSAGES.labels(inbound.platform, inbound.kind.value).inc()
         job = _Job(stored.message_id, inbound, stored)
+        if self._leases is not None and not await self._take(stored.conversation_id):
+            return True  # committed; the replica answering the conversation takes it up
         if self._closing:
             pass  # committed; the next start answers it
         elif self._healer is not None or not self._recovered:
@@ -253,6 +283,17 @@ class Pipeline:
         else:
             self._enqueue(job)
         return True
+
+    async def _take(self, conversation_id: int) -> bool:
+        """Take the conversation's lease for this replica. A database fault is not the
+        customer's problem here: the message is committed, and the sweep takes it up."""
+        assert self._leases is not None
+        try:
+            return await self._leases.take(conversation_id)
+        except StoreError as exc:
+            log.warning("could not take conversation %s (the sweep will): %s",
+                        conversation_id, exc)
+            return False
 
     def _enqueue(self, job: _Job) -> None:
         if job.message_id in self._inflight:
@@ -279,8 +320,13 @@ class Pipeline:
 
     async def _drain(self, key: int) -> None:
         queue = self._queues[key]
+        answering = _ANSWERING.set(key)
         try:
-            while queue and not self._closing:
+            while not self._closing:
+                if self._leases is not None and not await self._adopt(key, queue):
+                    break
+                if not queue:
+                    break
                 job = queue.pop(0)
                 token = CONVERSATION_ID.set(job.stored.conversation_id)
                 handed_back = False
@@ -289,6 +335,13 @@ class Pipeline:
                     self._retry_delay = self._store_retry_s  # the database works end to end
                 except asyncio.CancelledError:
                     raise
+                except LeaseLost as exc:
+                    log.warning("message %s: %s; leaving it to that replica",
+                                job.stored.message_id, exc)
+                    for dropped in (job, *queue):
+                        self._release(dropped)
+                    queue.clear()
+                    handed_back = True
                 except StoreError as exc:
                     self._park(job, queue)
                     handed_back = True
@@ -302,6 +355,7 @@ class Pipeline:
                         self._done(job)
                         self._apologised.discard(job.message_id)
         finally:
+            _ANSWERING.reset(answering)
             # No await between the emptiness check and removal: nothing can slip in.
             if not queue or self._closing:
                 self._queues.pop(key, None)
@@ -312,6 +366,39 @@ class Pipeline:
             if queue and not self._closing:
                 self._workers[key] = asyncio.create_task(self._drain(key))
             metrics.QUEUED.set(len(self._workers))
+
+    async def _adopt(self, key: int, queue: list[_Job]) -> bool:
+        """Before each message of a conversation this replica holds: queue, in order, what
+        other replicas committed for it meanwhile; when nothing is left, give the lease
+        back. ``False``: stop (the lease is gone, given back, or the database failed)."""
+        assert self._leases is not None
+        try:
+            if not await self._leases.take(key):
+                for job in queue:
+                    self._release(job)
+                queue.clear()
+                return False
+            rows = await self.store.unfinished_inbound(sorted(self._inflight), [key])
+            for row in rows:
+                job = _job_from_row(row)
+                if job.message_id not in self._inflight:
+                    self._parked.discard(job.message_id)
+                    self._inflight.add(job.message_id)
+                    bisect.insort(queue, job)
+            metrics.QUEUE_DEPTH.set(len(self._inflight))
+            if queue:
+                return True
+            await self._leases.release(key)
+        except StoreError as exc:
+            # Committed and unanswered: the sweep takes the conversation up again once the
+            # database answers (the lease, if still held, is this replica's own).
+            log.warning("conversation %s: could not look for more messages: %s", key, exc)
+            for job in queue:
+                self._release(job)
+            queue.clear()
+            return False
+        # A message committed here while the lease was being given back waits in the queue.
+        return bool(queue) and await self._take(key)
 
     # -- database faults -------------------------------------------------------------
 
@@ -423,26 +510,12 @@ class Pipeline:
         self._watchers.append(seen)
         faults, parked = self._faults, set(self._parked)
         try:
-            rows = await self.store.unfinished_inbound(sorted(self._inflight))
+            rows = await self._unanswered()
         finally:
             self._watchers.remove(seen)
         # From here to the end, no await: nothing can finish or be submitted in between.
         jobs = list(self._held)
-        for row in rows:
-            if row["id"] in seen:
-                continue  # finished while we looked
-            inbound = Inbound(
-                platform=row["platform"],
-                conversation_key=row["conversation_key"],
-                user=User(row["platform"], row["platform_user_id"], row["display_name"]),
-                platform_message_id=row["platform_message_id"],
-                text=row["text"],
-                kind=Kind(row["kind"]),
-                payload=row["payload"],
-            )
-            stored = StoredInbound(row["id"], row["conversation_id"], row["user_id"],
-                                   row["state"])
-            jobs.append(_Job(stored.message_id, inbound, stored))
+        jobs += [_job_from_row(row) for row in rows if row["id"] not in seen]
         self._held.clear()
         if not self._closing:
             for job in sorted(jobs):
@@ -455,7 +528,44 @@ class Pipeline:
             self._healer = None  # new events queue themselves again from here
         if rows:
             log.info("recovered %d unanswered messages", len(rows))
+        if self._leases is not None and self._coordinator is None and not self._closing:
+            self._coordinator = asyncio.create_task(
+                self._coordinate(), name="replica-leases", context=contextvars.Context())
         return len(rows)
+
+    async def _unanswered(self) -> list[dict]:
+        """What recovery queues: every unanswered message, or with several replicas, those
+        of the conversations no live replica holds, each taken for this one first."""
+        if self._leases is None:
+            return await self.store.unfinished_inbound(sorted(self._inflight))
+        rows: list[dict] = []
+        for conversation_id in await self._leases.orphans():
+            if conversation_id in self._workers:
+                continue  # being answered here: its worker picks up the rest itself
+            if await self._leases.take(conversation_id):
+                rows += await self.store.unfinished_inbound(
+                    sorted(self._inflight), [conversation_id])
+        return rows
+
+    async def _coordinate(self) -> None:
+        """With several replicas: renew this replica's leases well before they expire, and
+        sweep up what others left (a replica that died, a message committed on one replica
+        while another held its conversation)."""
+        assert self._leases is not None
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
+        while not self._closing:
+            await asyncio.sleep(self._leases.sweep_s)
+            try:
+                if loop.time() - renewed >= self._leases.ttl_s / 3:
+                    await self._leases.renew()
+                    renewed = loop.time()
+                if self._healer is None and self._recovered and not self._closing:
+                    await self.recover()
+            except StoreError as exc:
+                log.warning("replica sweep: database failed: %s", exc)
+            except Exception:
+                log.exception("replica sweep failed; trying again")
 
     async def close(self, grace_s: float) -> None:
         """Let in-flight replies finish for ``grace_s``; the rest stay unanswered in the
@@ -464,6 +574,9 @@ class Pipeline:
         self._closing = True
         if self._healer is not None:
             self._healer.cancel()
+        if self._coordinator is not None:
+            self._coordinator.cancel()
+            await asyncio.gather(self._coordinator, return_exceptions=True)
         workers = list(self._workers.values())
         if workers:
             _, pending = await asyncio.wait(workers, timeout=grace_s)
@@ -471,6 +584,11 @@ class Pipeline:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
         await self._flush_backlog()
+        if self._leases is not None:
+            try:
+                await self._leases.release_all()  # the others need not wait for expiry
+            except StoreError as exc:
+                log.warning("closing: leases not given back (they expire): %s", exc)
         await self.operators.stop()
 
     async def _flush_backlog(self) -> None:
@@ -903,10 +1021,11 @@ class Pipeline:
         """Send a complete reply on its stream: stored as ``sending`` first (from here on it
         is never produced again), then ``sent``. Returns the latency in seconds."""
         try:
+            await self._fence()
             await self.store.finish_outbound(
                 out_id, text=reply.text, status="sending", payload=json.dumps(shown)
             )
-        except StoreError:
+        except (StoreError, LeaseLost):
             await stream.abort()
             raise
         try:
@@ -1142,6 +1261,8 @@ class Pipeline:
         operator: Operator | None = None,
     ) -> None:
         """Send a whole message, stored as pending before and sent after."""
+        if _ANSWERING.get() == conversation_id:
+            await self._fence()
         convo = await self.store.conversation(conversation_id)
         out_id = await self.store.begin_outbound(
             conversation_id, convo["platform"], reply.sender.value, reply_to, reply.text,
@@ -1162,6 +1283,13 @@ class Pipeline:
             out_id, status="sent", platform_message_id=platform_id,
             author=None if operator is None else operator.label,
         ))
+
+    async def _fence(self) -> None:
+        """With several replicas, the last hop of an answer: renew the conversation's
+        lease, or stop (:class:`LeaseLost`) if another replica took it over."""
+        conversation_id = _ANSWERING.get()
+        if self._leases is not None and conversation_id is not None:
+            await self._leases.fence(conversation_id)
 
     async def _not_sent(self, out_id: int, exc: BaseException) -> None:
         """Record a reply the platform refused as ``failed``, so recovery answers its message

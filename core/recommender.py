@@ -33,11 +33,10 @@ from scipy import sparse
 from core.knowledge import Article, KnowledgeBase
 from core.messages import Suggestion
 from core.retrieval import matvec
+from core.store import SQLiteStore, Store
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
-
-    from core.store import SQLiteStore
 
 log = logging.getLogger(__name__)
 
@@ -595,7 +594,7 @@ class HybridRecommender:
         self._content = content
         self._model: CFModel | None = None
         self._aligned: _View | None = None
-        self._store: SQLiteStore | None = None
+        self._store: Store | None = None
         self._rng = random.Random(self._config.seed)
         self._recent_shows: Counter[str] = Counter()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="recommender-train")
@@ -612,9 +611,16 @@ class HybridRecommender:
         """The model in use now (``None`` before the first training)."""
         return self._model
 
-    def attach_store(self, store: SQLiteStore) -> None:
+    def attach_store(self, store: Store) -> None:
         """The opened store: its events train the model and say what a customer saw."""
         self._store = store
+
+    def _event_file(self) -> Path | None:
+        """The SQLite file the collaborative model trains from: training reads it on a
+        connection of its own. PostgreSQL has none yet, so there suggestions come from the
+        knowledge base and popularity alone, as with an empty event log."""
+        store = self._store
+        return store.path if isinstance(store, SQLiteStore) else None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -638,7 +644,9 @@ class HybridRecommender:
         """Train a new model from the events table in the worker thread, then swap it in."""
         if self._store is None:
             raise RuntimeError("attach_store() before retrain()")
-        path = self._store.path
+        path = self._event_file()
+        if path is None:
+            raise RuntimeError("collaborative retraining reads a SQLite store only for now")
         items = self._content.knowledge.ids()
         config = self._config
         async with self._retrain_lock:
@@ -655,18 +663,23 @@ class HybridRecommender:
 
     async def _retrain_loop(self) -> None:
         config = self._config
-        await self._retrain_guarded()
+        path = self._event_file()
+        if path is None:
+            log.info("recommender: collaborative retraining reads a SQLite store only for "
+                     "now; on PostgreSQL suggestions come from the knowledge base and "
+                     "popularity")
+        else:
+            await self._retrain_guarded()
         while True:
             await asyncio.sleep(config.poll_s)
             try:
                 await self._content.refresh()
-                model = self._model
-                store = self._store
-                if store is None:
+                if path is None:
                     continue
+                model = self._model
                 after = model.last_event_id if model is not None else 0
                 new = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, count_new_positives, store.path, after
+                    self._executor, count_new_positives, path, after
                 )
             except Exception:
                 log.exception("recommender: checking for new events failed")
@@ -688,12 +701,7 @@ class HybridRecommender:
     async def _history(self, request: SuggestionRequest) -> UserHistory:
         if self._store is None:
             return UserHistory({}, frozenset())
-        rows = await self._store.query(
-            "SELECT type, item_id, conversation_id, value FROM events WHERE user_id = ? "
-            "AND item_id IS NOT NULL AND type IN "
-            "('suggestion_shown', 'suggestion_clicked', 'article_viewed', 'feedback')",
-            [request.user_id],
-        )
+        rows = await self._store.user_events(request.user_id)
         signals = self._config.signals
         positives: dict[str, float] = {}
         seen: set[str] = set()

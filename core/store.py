@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sqlite3
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -134,7 +136,30 @@ MIGRATIONS: Sequence[str] = (
     """
     CREATE INDEX messages_reply_to ON messages (reply_to);
     """,
+    # v5: several replicas on one database: a conversation is handled by the replica
+    # holding its lease (expires_at in epoch seconds), and a dead replica's leases lapse.
+    """
+    CREATE TABLE conversation_leases (
+        conversation_id INTEGER PRIMARY KEY REFERENCES conversations(id),
+        owner TEXT NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
 )
+
+RelayCallback = Callable[[str], Awaitable[None] | None]
+"""Called with each payload published on a subscribed channel (awaited if async)."""
+Unsubscribe = Callable[[], Awaitable[None]]
+
+_CHANNEL = re.compile(r"[A-Za-z0-9_.:-]{1,48}")
+
+
+def check_channel(channel: str) -> str:
+    """A relay channel name, or :class:`ValueError`: PostgreSQL channels are identifiers of
+    at most 63 bytes, and the store prefixes its own."""
+    if not _CHANNEL.fullmatch(channel):
+        raise ValueError(f"relay channel {channel!r}: 1 to 48 of A-Z a-z 0-9 _ . : -")
+    return channel
 
 
 MARK_REPLIED_ANSWERED = (
@@ -215,7 +240,16 @@ class Store(Protocol):
     async def record_inbound(self, inbound: Inbound) -> StoredInbound | None: ...
     async def set_inbound_status(self, message_id: int, status: str) -> None: ...
     async def set_sentiment(self, message_id: int, scores: Scores) -> None: ...
-    async def unfinished_inbound(self, skip: Sequence[int] = ()) -> list[dict]: ...
+    async def unfinished_inbound(
+        self, skip: Sequence[int] = (), conversations: Sequence[int] | None = None
+    ) -> list[dict]: ...
+    async def take_conversation(self, conversation_id: int, owner: str, ttl_s: float) -> bool: ...
+    async def renew_conversations(self, owner: str, ttl_s: float) -> list[int]: ...
+    async def release_conversation(self, conversation_id: int, owner: str) -> None: ...
+    async def orphaned_conversations(self, owner: str, limit: int = 100) -> list[int]: ...
+    async def publish(self, channel: str, payload: str) -> None: ...
+    async def subscribe(self, channel: str, callback: RelayCallback) -> Unsubscribe: ...
+    async def last_customer_text(self, conversation_id: int) -> str | None: ...
     async def begin_outbound(
         self, conversation_id: int, platform: str, sender: str, reply_to: int | None,
         text: str = "", status: Literal["pending", "sending"] = "pending",
@@ -252,18 +286,25 @@ class Store(Protocol):
     async def link_users(self, user_id: int, other_id: int) -> list[int]: ...
     async def unlink_user(self, user_id: int) -> list[int]: ...
     async def customer_conversations(self, user_id: int, limit: int = 50) -> list[dict]: ...
+    async def users_named(self, display_name: str, limit: int) -> list[dict]: ...
+    async def user_events(self, user_id: int) -> list[dict]: ...
+
+
+async def _unsubscribed() -> None:
+    """Nothing to undo: SQLite's subscriptions are never made."""
 
 
 class SQLiteStore:
     """All persistence, on one connection owned by one worker thread."""
 
-    __slots__ = ("_busy_timeout_ms", "_db", "_executor", "path")
+    __slots__ = ("_busy_timeout_ms", "_db", "_executor", "_version", "path")
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="store")
         self._db: sqlite_utils.Database | None = None
         self._busy_timeout_ms = busy_timeout_ms
+        self._version: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -295,6 +336,7 @@ class SQLiteStore:
                     )
                 if version == len(MIGRATIONS):
                     db.conn.execute("COMMIT")
+                    self._version = version
                     return
                 for statement in filter(str.strip, MIGRATIONS[version].split(";")):
                     db.conn.execute(statement)
@@ -318,7 +360,11 @@ class SQLiteStore:
 
     @property
     def schema_version(self) -> int:
-        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        """The version read (and migrated to) at open: the connection belongs to the store
+        thread, and this is read from the event loop."""
+        if self._version is None:
+            raise StoreError("store not opened")
+        return self._version
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn`` on the store thread. A lock is retried with backoff (another process, or
@@ -445,7 +491,9 @@ class SQLiteStore:
             )
         )
 
-    async def unfinished_inbound(self, skip: Sequence[int] = ()) -> list[dict]:
+    async def unfinished_inbound(
+        self, skip: Sequence[int] = (), conversations: Sequence[int] | None = None
+    ) -> list[dict]:
         """Inbound messages accepted but never answered (a crash or a hard stop).
 
         A message whose reply (the bot's answer, or a system message such as the hand-off
@@ -455,23 +503,30 @@ class SQLiteStore:
         without ``reply_to``. A reply stored as ``sending`` (complete, handed to the
         platform when the process died) counts as sent: the last hop is at most once, so
         a customer never gets an answer twice. ``skip``: inbound ids this process is
-        handling now (their replies in progress are left alone).
+        handling now (their replies in progress are left alone). ``conversations``: only
+        these, replies included (the ones this replica just took over); ``None``, all of
+        them, is right only while one process uses the database, since it also settles
+        the replies other replicas are writing.
         """
         skipped = json.dumps(list(skip))
+        scope, args = "", [skipped]
+        if conversations is not None:
+            scope = " AND conversation_id IN (SELECT value FROM json_each(?))"
+            args.append(json.dumps([int(c) for c in conversations]))
 
         def op(db: sqlite_utils.Database) -> list[dict]:
             db.execute(
                 "UPDATE messages SET status = 'sent' WHERE direction = 'out' AND status = "
                 "'sending' AND (reply_to IS NULL OR reply_to NOT IN "
-                "(SELECT value FROM json_each(?)))",
-                [skipped],
+                "(SELECT value FROM json_each(?)))" + scope,
+                args,
             )
-            db.execute(MARK_REPLIED_ANSWERED, [skipped])
+            db.execute(MARK_REPLIED_ANSWERED + scope, args)
             db.execute(
                 "UPDATE messages SET status = 'failed', error = 'interrupted' "
                 "WHERE direction = 'out' AND status = 'pending' AND (reply_to IS NULL OR "
-                "reply_to NOT IN (SELECT value FROM json_each(?)))",
-                [skipped],
+                "reply_to NOT IN (SELECT value FROM json_each(?)))" + scope,
+                args,
             )
             return list(db.query(
                 "SELECT m.*, c.conversation_key, c.user_id, c.state, u.platform_user_id, "
@@ -479,11 +534,77 @@ class SQLiteStore:
                 "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
                 "JOIN users u ON u.id = c.user_id "
                 "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') "
-                "AND m.id NOT IN (SELECT value FROM json_each(?)) ORDER BY m.id",
-                [skipped],
+                "AND m.id NOT IN (SELECT value FROM json_each(?))" + scope + " ORDER BY m.id",
+                args,
             ))
 
         return await self._run(self._tx, op)
+
+    # -- leases: one replica at a time per conversation ----------------------------------
+
+    async def take_conversation(self, conversation_id: int, owner: str, ttl_s: float) -> bool:
+        """Hold a conversation for ``ttl_s`` seconds: ``True`` when ``owner`` now holds it
+        (it was free, its lease had lapsed, or it was ``owner``'s already and is renewed).
+        One statement, so of two replicas taking it at once exactly one wins."""
+
+        def op(db: sqlite_utils.Database) -> bool:
+            now = time.time()
+            return bool(db.execute(
+                "INSERT INTO conversation_leases (conversation_id, owner, expires_at) "
+                "VALUES (:id, :owner, :until) ON CONFLICT (conversation_id) DO UPDATE "
+                "SET owner = excluded.owner, expires_at = excluded.expires_at "
+                "WHERE conversation_leases.expires_at <= :now "
+                "OR conversation_leases.owner = excluded.owner RETURNING owner",
+                {"id": conversation_id, "owner": owner, "until": now + ttl_s, "now": now},
+            ).fetchall())
+
+        return await self._run(self._tx, op)
+
+    async def renew_conversations(self, owner: str, ttl_s: float) -> list[int]:
+        """Extend every lease ``owner`` holds, lapsed ones nobody took since included;
+        returns their conversation ids, ascending: one missing was taken by another."""
+
+        def op(db: sqlite_utils.Database) -> list[int]:
+            return sorted(r[0] for r in db.execute(
+                "UPDATE conversation_leases SET expires_at = ? WHERE owner = ? "
+                "RETURNING conversation_id",
+                [time.time() + ttl_s, owner],
+            ).fetchall())
+
+        return await self._run(self._tx, op)
+
+    async def release_conversation(self, conversation_id: int, owner: str) -> None:
+        """Give a lease up, if ``owner`` still holds it (a lease taken over is not ours)."""
+        await self._run(lambda: self.db.execute(
+            "DELETE FROM conversation_leases WHERE conversation_id = ? AND owner = ?",
+            [conversation_id, owner],
+        ))
+
+    async def orphaned_conversations(self, owner: str, limit: int = 100) -> list[int]:
+        """Conversations with unfinished inbound messages that no live replica but
+        ``owner`` holds (no lease, a lapsed one, or ``owner``'s own), the longest waiting
+        first: what ``owner`` should take over and recover."""
+        rows = await self.query(
+            "SELECT m.conversation_id FROM messages m "
+            "LEFT JOIN conversation_leases l ON l.conversation_id = m.conversation_id "
+            "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') "
+            "AND (l.owner IS NULL OR l.owner = ? OR l.expires_at <= ?) "
+            "GROUP BY m.conversation_id ORDER BY MIN(m.id) LIMIT ?",
+            [owner, time.time(), limit],
+        )
+        return [r["conversation_id"] for r in rows]
+
+    # -- relay between replicas ------------------------------------------------------------
+
+    async def publish(self, channel: str, payload: str) -> None:
+        """Does nothing: a SQLite database serves one process, whose customers' sockets are
+        all its own, so there is no other replica to relay to."""
+        check_channel(channel)
+
+    async def subscribe(self, channel: str, callback: RelayCallback) -> Unsubscribe:
+        """Never calls back (see :meth:`publish`); the unsubscribe does nothing."""
+        check_channel(channel)
+        return _unsubscribed
 
     # -- outbound --------------------------------------------------------------------
 
@@ -579,6 +700,15 @@ class SQLiteStore:
         )
         return rows[::-1]
 
+    async def last_customer_text(self, conversation_id: int) -> str | None:
+        """The customer's latest text message (what an operator sees first)."""
+        rows = await self.query(
+            "SELECT text FROM messages WHERE conversation_id = ? AND direction = 'in' "
+            "AND kind = 'text' ORDER BY id DESC LIMIT 1",
+            [conversation_id],
+        )
+        return rows[0]["text"] if rows else None
+
     async def transcript(self, conversation_id: int, limit: int = 200) -> list[TranscriptLine]:
         rows = await self.query(
             "SELECT id, direction, sender, text, created_at, sentiment, p_negative, "
@@ -622,6 +752,17 @@ class SQLiteStore:
         ts = now_iso()
         full = [{"ts": ts, "data": "{}", **r} for r in rows]
         await self._run(self._tx, lambda db: db["events"].insert_all(full))
+
+    async def user_events(self, user_id: int) -> list[dict]:
+        """A user's interactions with articles, in order (type, item_id, conversation_id,
+        value): what the recommender learns the user's taste from."""
+        return await self.query(
+            "SELECT type, item_id, conversation_id, value FROM events WHERE user_id = ? "
+            "AND item_id IS NOT NULL AND type IN "
+            "('suggestion_shown', 'suggestion_clicked', 'article_viewed', 'feedback') "
+            "ORDER BY id",
+            [user_id],
+        )
 
     # -- tickets ---------------------------------------------------------------------
 
@@ -715,6 +856,16 @@ class SQLiteStore:
             [platform, platform_user_id],
         )
         return rows[0] if rows else None
+
+    async def users_named(self, display_name: str, limit: int) -> list[dict]:
+        """Accounts whose display name is ``display_name`` but for case (ASCII letters; how
+        other letters fold is up to the database), newest first: the console offers them
+        for linking."""
+        return await self.query(
+            "SELECT id, platform, platform_user_id, display_name FROM users "
+            "WHERE display_name = ? COLLATE NOCASE ORDER BY id DESC LIMIT ?",
+            [display_name, limit],
+        )
 
     @staticmethod
     def _group(db: sqlite_utils.Database, user_id: int) -> list[int]:

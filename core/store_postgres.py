@@ -6,8 +6,10 @@ from the database: a redelivered message is stored once through the unique index
 (``INSERT ... ON CONFLICT``), a ticket is claimed by one compare-and-set ``UPDATE``, ticket
 opening locks its conversation's row, and the schema migrates under an advisory lock, so two
 replicas starting together migrate once. Timestamps stay ISO text, as in SQLite, so rows
-compare equal across the two. A lost connection and a serialization failure or deadlock
-are retried with backoff; a failure that persists becomes :class:`StoreError`.
+compare equal across the two; lease expiry is epoch seconds on the database's clock, so
+replicas' clocks need not agree. A lost connection and a serialization failure or
+deadlock are retried with backoff; a failure that persists becomes :class:`StoreError`.
+The relay between replicas is LISTEN/NOTIFY (:class:`_Relay`).
 
 PostgreSQL text cannot hold NUL characters: they are stored as U+FFFD.
 """
@@ -15,15 +17,19 @@ PostgreSQL text cannot hold NUL characters: they are stored as U+FFFD.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import json
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 import psycopg
 import psycopg_pool
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, Notify, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
@@ -33,11 +39,14 @@ from core.store import (
     LOCK_RETRY_DELAYS_S,
     ConversationState,
     EventType,
+    RelayCallback,
     Scores,
     StoredInbound,
     StoreError,
     TranscriptLine,
+    Unsubscribe,
     _withheld,
+    check_channel,
     now_iso,
 )
 
@@ -62,6 +71,31 @@ SERIALIZATION_STATES = frozenset({"40001", "40P01", "55P03"})
 """serialization_failure, deadlock_detected, lock_not_available: rolled back, retry."""
 CONNECTION_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 """admin/crash shutdown, cannot connect now, too many connections (plus class 08)."""
+
+PG_NOW = "extract(epoch from clock_timestamp())::double precision"
+"""Now, in epoch seconds, on the database's clock (the one all replicas share)."""
+
+RELAY_PREFIX = "supportbot."
+"""Before a relay channel's name, in PostgreSQL's namespace of channels."""
+WAKE_PREFIX = "supportbot-wake."
+"""Before a store's own id: the channel that tells its listener to take up new channels."""
+NOTIFY_LIMIT_BYTES = 8000
+"""A NOTIFY payload must be shorter; a longer one travels through ``relay_messages``."""
+RELAY_KEEP_S = 300.0
+"""How long a payload waits in ``relay_messages`` for listeners to read it."""
+RELAY_PRUNE_EVERY_S = 60.0
+"""How often (at most) a publisher deletes payloads older than :data:`RELAY_KEEP_S`."""
+RELAY_POLL_S = 5.0
+"""The listener's longest wait before it looks at its channels again unwoken."""
+RELAY_BACKOFF_S: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+"""Pauses between the listener's reconnection attempts; the last repeats."""
+SUBSCRIBE_WAIT_S = 5.0
+"""How long :meth:`PostgresStore.subscribe` waits for its LISTEN before returning anyway."""
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+}
+"""TCP keepalives for the listener's connection, where the URL sets none: it only waits,
+so without them a silently dropped connection would look idle forever."""
 
 PG_MIGRATIONS: Sequence[str] = (
     """
@@ -154,6 +188,21 @@ PG_MIGRATIONS: Sequence[str] = (
     # v4: recovery's "was a reply to it sent" lookup.
     """
     CREATE INDEX messages_reply_to ON messages (reply_to);
+    """,
+    # v5: conversation leases (see core.store.MIGRATIONS), and the relay's payloads too
+    # long for a NOTIFY (created_at in epoch seconds; rows go after RELAY_KEEP_S).
+    """
+    CREATE TABLE conversation_leases (
+        conversation_id BIGINT PRIMARY KEY REFERENCES conversations(id),
+        owner TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE relay_messages (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        channel TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
     """,
 )
 
@@ -255,10 +304,161 @@ async def _update(conn: Conn, table: str, row_id: int, fields: dict[str, Any]) -
         raise StoreError(f"no {table} row {row_id}")
 
 
+class _Relay:
+    """A store's listening side of the relay: LISTEN on a connection of its own (a pooled
+    one goes back to other work and would take the LISTENs with it), kept by one task that
+    reconnects with backoff and LISTENs again. Delivery is at most once: what is published
+    while the connection is down is lost. A notification reads ``<origin> = <payload>``,
+    or ``<origin> # <relay_messages id>`` for a long payload; a store skips its own origin.
+    """
+
+    __slots__ = ("_acks", "_callbacks", "_connect_kwargs", "_listening", "_task", "origin",
+                 "url", "wake_channel")
+
+    def __init__(self, url: str, connect_kwargs: dict[str, Any]) -> None:
+        self.url = url
+        self._connect_kwargs = connect_kwargs
+        self.origin = uuid.uuid4().hex
+        self.wake_channel = WAKE_PREFIX + self.origin
+        self._callbacks: dict[str, list[RelayCallback]] = {}
+        self._listening: set[str] = set()
+        self._acks: list[asyncio.Future[None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def subscribe(
+        self, channel: str, callback: RelayCallback, wake: Callable[[], Awaitable[None]]
+    ) -> Unsubscribe:
+        """Register ``callback``; a channel not yet listened to is waited for (up to
+        :data:`SUBSCRIBE_WAIT_S`), so what is published after this returns arrives."""
+        callbacks = self._callbacks.setdefault(channel, [])
+        callbacks.append(callback)
+
+        async def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                callbacks.remove(callback)
+            if not callbacks and self._callbacks.get(channel) is callbacks:
+                del self._callbacks[channel]  # UNLISTENed on the listener's next pass
+
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"relay {self.origin[:8]}")
+        if channel not in self._listening and asyncio.current_task() is not self._task:
+            ack = asyncio.get_running_loop().create_future()
+            self._acks.append(ack)
+            try:
+                await wake()
+                await asyncio.wait_for(asyncio.shield(ack), SUBSCRIBE_WAIT_S)
+            except TimeoutError:
+                log.warning("relay: not listening on %s yet (%s unreachable); it starts "
+                            "when the database answers", channel, describe_url(self.url))
+            except BaseException:  # cancelled: the caller never gets its unsubscribe
+                await unsubscribe()
+                raise
+        return unsubscribe
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._listening.clear()
+        self._callbacks.clear()
+        for ack in self._acks:
+            if not ack.done():
+                ack.set_result(None)
+        self._acks.clear()
+
+    async def _run(self) -> None:
+        """Connect, LISTEN and deliver; after a failure, the same again after a pause that
+        grows while failures follow one another."""
+        failures = 0
+        while True:
+            try:
+                conn = await AsyncConnection.connect(self.url, **self._connect_kwargs)
+                async with conn:
+                    await conn.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(self.wake_channel)))
+                    await self._sync(conn)
+                    if failures:
+                        log.warning("relay: listening again on %s", describe_url(self.url))
+                        failures = 0
+                    await self._listen(conn)
+            except psycopg.Error as exc:
+                delay = self._backoff(failures)
+                log.warning("relay: connection to %s lost or refused (%s); reconnecting in "
+                            "%.1f s", describe_url(self.url), exc, delay)
+            except Exception:  # a bug: logged in full, and the relay carries on
+                delay = self._backoff(failures)
+                log.exception("relay: the listener failed; restarting in %.1f s", delay)
+            self._listening.clear()
+            failures += 1
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    def _backoff(failures: int) -> float:
+        return RELAY_BACKOFF_S[min(failures, len(RELAY_BACKOFF_S) - 1)]
+
+    async def _listen(self, conn: Conn) -> NoReturn:
+        """Deliver until the connection fails."""
+        while True:
+            # Collected first: the connection is locked while notifies() runs.
+            notes = [n async for n in conn.notifies(timeout=RELAY_POLL_S, stop_after=1)]
+            for note in notes:
+                if note.channel != self.wake_channel:
+                    await self._deliver(conn, note)
+            await self._sync(conn)
+
+    async def _sync(self, conn: Conn) -> None:
+        """LISTEN to the channels with subscribers, UNLISTEN the rest, then acknowledge
+        the subscriptions made before this pass began."""
+        waiting = len(self._acks)
+        wanted = {c for c, callbacks in self._callbacks.items() if callbacks}
+        for channel in sorted(wanted - self._listening):
+            await conn.execute(sql.SQL("LISTEN {}").format(
+                sql.Identifier(RELAY_PREFIX + channel)))
+            self._listening.add(channel)
+        for channel in sorted(self._listening - wanted):
+            await conn.execute(sql.SQL("UNLISTEN {}").format(
+                sql.Identifier(RELAY_PREFIX + channel)))
+            self._listening.discard(channel)
+        acks = self._acks[:waiting]
+        del self._acks[:waiting]
+        for ack in acks:
+            if not ack.done():
+                ack.set_result(None)
+
+    async def _deliver(self, conn: Conn, note: Notify) -> None:
+        """One notification to this store's subscribers, in order; a subscriber's failure
+        is logged and the others still get it."""
+        channel = note.channel.removeprefix(RELAY_PREFIX)
+        origin, _, rest = note.payload.partition(" ")
+        kind, _, payload = rest.partition(" ")
+        if origin == self.origin:
+            return
+        if kind == "#" and payload.isdigit():
+            row = await _one(conn, "SELECT payload FROM relay_messages WHERE id = %s",
+                             [int(payload)])
+            if row is None:
+                log.warning("relay: a message on %s was deleted before it was read", channel)
+                return
+            payload = row["payload"]
+        elif kind != "=":
+            log.warning("relay: ignored a notification on %s not sent by a store", channel)
+            return
+        for callback in list(self._callbacks.get(channel, ())):
+            try:
+                result = callback(payload)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("relay: a subscriber to %s failed", channel)
+
+
 class PostgresStore:
     """All persistence, on a pool of connections to one PostgreSQL database."""
 
-    __slots__ = ("_connect_kwargs", "_pool", "_version", "max_size", "min_size", "url")
+    __slots__ = ("_connect_kwargs", "_pool", "_pruned_at", "_relay", "_version", "max_size",
+                 "min_size", "url")
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 4) -> None:
         try:
@@ -273,6 +473,9 @@ class PostgresStore:
             self._connect_kwargs["connect_timeout"] = CONNECT_TIMEOUT_S
         self._pool: psycopg_pool.AsyncConnectionPool[Conn] | None = None
         self._version: int | None = None
+        keepalives = {k: v for k, v in KEEPALIVES.items() if k not in params}
+        self._relay = _Relay(url, {**keepalives, **self._connect_kwargs})
+        self._pruned_at = float("-inf")
 
     def __repr__(self) -> str:
         return f"PostgresStore({describe_url(self.url)!r})"
@@ -327,6 +530,7 @@ class PostgresStore:
         return len(PG_MIGRATIONS)
 
     async def close(self) -> None:
+        await self._relay.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -473,23 +677,28 @@ class PostgresStore:
         }
         await self._tx(lambda conn: _update(conn, "messages", message_id, fields))
 
-    async def unfinished_inbound(self, skip: Sequence[int] = ()) -> list[dict]:
+    async def unfinished_inbound(
+        self, skip: Sequence[int] = (), conversations: Sequence[int] | None = None
+    ) -> list[dict]:
         """Inbound messages accepted but never answered; see
         :meth:`core.store.SQLiteStore.unfinished_inbound` for the rules."""
-        skipped = [int(i) for i in skip]
+        scope, args = "", [[int(i) for i in skip]]
+        if conversations is not None:
+            scope = " AND conversation_id = ANY(%s::bigint[])"
+            args.append([int(c) for c in conversations])
 
         async def op(conn: Conn) -> list[dict]:
             await conn.execute(
                 "UPDATE messages SET status = 'sent' WHERE direction = 'out' AND status = "
-                "'sending' AND (reply_to IS NULL OR reply_to <> ALL(%s::bigint[]))",
-                [skipped],
+                "'sending' AND (reply_to IS NULL OR reply_to <> ALL(%s::bigint[]))" + scope,
+                args,
             )
-            await conn.execute(PG_MARK_REPLIED_ANSWERED, [skipped])
+            await conn.execute(PG_MARK_REPLIED_ANSWERED + scope, args)
             await conn.execute(
                 "UPDATE messages SET status = 'failed', error = 'interrupted' "
                 "WHERE direction = 'out' AND status = 'pending' AND (reply_to IS NULL OR "
-                "reply_to <> ALL(%s::bigint[]))",
-                [skipped],
+                "reply_to <> ALL(%s::bigint[]))" + scope,
+                args,
             )
             return await _all(
                 conn,
@@ -498,11 +707,108 @@ class PostgresStore:
                 "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
                 "JOIN users u ON u.id = c.user_id "
                 "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') "
-                "AND m.id <> ALL(%s::bigint[]) ORDER BY m.id",
-                [skipped],
+                "AND m.id <> ALL(%s::bigint[])" + scope + " ORDER BY m.id",
+                args,
             )
 
         return await self._tx(op)
+
+    # -- leases: one replica at a time per conversation ----------------------------------
+
+    async def take_conversation(self, conversation_id: int, owner: str, ttl_s: float) -> bool:
+        """See :meth:`core.store.SQLiteStore.take_conversation`. Of two takers at once, the
+        second waits for the first's row and then finds it live and not its own."""
+        row = await self._tx(lambda conn: _one(
+            conn,
+            "INSERT INTO conversation_leases AS l (conversation_id, owner, expires_at) "
+            f"VALUES (%(id)s, %(owner)s, {PG_NOW} + %(ttl)s) ON CONFLICT (conversation_id) "
+            "DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
+            f"WHERE l.expires_at <= {PG_NOW} OR l.owner = EXCLUDED.owner RETURNING l.owner",
+            {"id": conversation_id, "owner": _text(owner), "ttl": float(ttl_s)},
+        ))
+        return row is not None
+
+    async def renew_conversations(self, owner: str, ttl_s: float) -> list[int]:
+        """See :meth:`core.store.SQLiteStore.renew_conversations`."""
+        rows = await self._tx(lambda conn: _all(
+            conn,
+            f"UPDATE conversation_leases SET expires_at = {PG_NOW} + %s WHERE owner = %s "
+            "RETURNING conversation_id",
+            [float(ttl_s), _text(owner)],
+        ))
+        return sorted(int(r["conversation_id"]) for r in rows)
+
+    async def release_conversation(self, conversation_id: int, owner: str) -> None:
+        """See :meth:`core.store.SQLiteStore.release_conversation`."""
+        await self._tx(lambda conn: conn.execute(
+            "DELETE FROM conversation_leases WHERE conversation_id = %s AND owner = %s",
+            [conversation_id, _text(owner)],
+        ))
+
+    async def orphaned_conversations(self, owner: str, limit: int = 100) -> list[int]:
+        """See :meth:`core.store.SQLiteStore.orphaned_conversations`."""
+        rows = await self.query(
+            "SELECT m.conversation_id FROM messages m "
+            "LEFT JOIN conversation_leases l ON l.conversation_id = m.conversation_id "
+            "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') "
+            f"AND (l.owner IS NULL OR l.owner = %s OR l.expires_at <= {PG_NOW}) "
+            "GROUP BY m.conversation_id ORDER BY MIN(m.id) LIMIT %s",
+            [_text(owner), limit],
+        )
+        return [int(r["conversation_id"]) for r in rows]
+
+    # -- relay between replicas ------------------------------------------------------------
+
+    async def publish(self, channel: str, payload: str) -> None:
+        """Send ``payload`` to the subscribers of ``channel`` in every other store on this
+        database (this one's own are skipped), in order, at most once. One too long for a
+        NOTIFY is stored in ``relay_messages`` and the notification names its row; now and
+        then a publisher deletes the rows listeners have had time to read."""
+        name = RELAY_PREFIX + check_channel(channel)
+        text = _text(payload)
+        inline = f"{self._relay.origin} = {text}"
+        notify = "SELECT pg_notify(%s, %s)"
+        if len(inline.encode()) < NOTIFY_LIMIT_BYTES:
+            await self._tx(lambda conn: conn.execute(notify, [name, inline]))
+            return
+        prune = time.monotonic() - self._pruned_at > RELAY_PRUNE_EVERY_S
+
+        async def op(conn: Conn) -> None:
+            row = await _one(
+                conn,
+                "INSERT INTO relay_messages (channel, payload, created_at) "
+                f"VALUES (%s, %s, {PG_NOW}) RETURNING id",
+                [channel, text],
+            )
+            assert row is not None
+            await conn.execute(notify, [name, f"{self._relay.origin} # {row['id']}"])
+            if prune:
+                await conn.execute(
+                    f"DELETE FROM relay_messages WHERE created_at < {PG_NOW} - %s",
+                    [RELAY_KEEP_S],
+                )
+
+        await self._tx(op)
+        if prune:
+            self._pruned_at = time.monotonic()
+
+    async def subscribe(self, channel: str, callback: RelayCallback) -> Unsubscribe:
+        """Call ``callback`` with each payload other stores publish on ``channel``, from
+        when this returns, in order, until the returned unsubscribe is awaited. Callbacks
+        run one at a time on the listener's task: a slow one delays the rest."""
+        check_channel(channel)
+        if self._pool is None:
+            raise StoreError("store not opened")
+        return await self._relay.subscribe(channel, callback, self._wake_listener)
+
+    async def _wake_listener(self) -> None:
+        """Best effort: the listener takes a new channel up now instead of at its next
+        poll (within :data:`RELAY_POLL_S`)."""
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute("SELECT pg_notify(%s, '')", [self._relay.wake_channel])
+        except psycopg.Error as exc:
+            log.debug("relay: could not wake the listener: %s", exc)
 
     # -- outbound --------------------------------------------------------------------
 
@@ -582,6 +888,15 @@ class PostgresStore:
         )
         return rows[::-1]
 
+    async def last_customer_text(self, conversation_id: int) -> str | None:
+        """The customer's latest text message (what an operator sees first)."""
+        rows = await self.query(
+            "SELECT text FROM messages WHERE conversation_id = %s AND direction = 'in' "
+            "AND kind = 'text' ORDER BY id DESC LIMIT 1",
+            [conversation_id],
+        )
+        return rows[0]["text"] if rows else None
+
     async def transcript(self, conversation_id: int, limit: int = 200) -> list[TranscriptLine]:
         rows = await self.query(
             "SELECT id, direction, sender, text, created_at, sentiment, p_negative, "
@@ -637,6 +952,16 @@ class PostgresStore:
                 await cur.executemany(query, values)
 
         await self._tx(op)
+
+    async def user_events(self, user_id: int) -> list[dict]:
+        """See :meth:`core.store.SQLiteStore.user_events`."""
+        return await self.query(
+            "SELECT type, item_id, conversation_id, value FROM events WHERE user_id = %s "
+            "AND item_id IS NOT NULL AND type IN "
+            "('suggestion_shown', 'suggestion_clicked', 'article_viewed', 'feedback') "
+            "ORDER BY id",
+            [user_id],
+        )
 
     # -- tickets ---------------------------------------------------------------------
 
@@ -744,6 +1069,14 @@ class PostgresStore:
             [_text(platform), _text(platform_user_id)],
         )
         return rows[0] if rows else None
+
+    async def users_named(self, display_name: str, limit: int) -> list[dict]:
+        """See :meth:`core.store.SQLiteStore.users_named` (the index is on ``lower``)."""
+        return await self.query(
+            "SELECT id, platform, platform_user_id, display_name FROM users "
+            "WHERE lower(display_name) = lower(%s) ORDER BY id DESC LIMIT %s",
+            [_text(display_name), limit],
+        )
 
     @staticmethod
     async def _group(conn: Conn, user_id: int) -> list[int]:

@@ -161,7 +161,8 @@ def _database(args: argparse.Namespace) -> Path:
         return Path(args.db)
     from core.config import load_settings
 
-    return Path(load_settings(args.config).store.path)
+    return load_settings(args.config).store.sqlite_file(
+        "supportbot export conversations", args.config)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -115,3 +115,54 @@ def test_sentiment_threads_must_not_be_negative(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, "[sentiment]\nthreads = -1\n"))
     assert "sentiment.threads" in str(err.value) and "config.toml" in str(err.value)
+
+
+def test_store_url_is_postgresql_without_a_password(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "")).store.url == ""
+    for url in ("postgresql://bot@db:5432/support", "postgres://bot@db/support?sslmode=require"):
+        assert load_settings(write(tmp_path, f'[store]\nurl = "{url}"\n')).store.url == url
+
+    path = write(tmp_path, '[store]\nurl = "mysql://bot@db/support"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert f"{path}: key 'store.url'" in str(err.value) and "postgresql://" in str(err.value)
+
+    for url in ("postgresql://bot:hunter2@db/support", "postgresql://bot@db/s?password=hunter2"):
+        path = write(tmp_path, f'[store]\nurl = "{url}"\n')
+        with pytest.raises(ConfigError) as err:
+            load_settings(path)
+        message = str(err.value)
+        assert f"{path}: key 'store.url'" in message
+        assert "store.password_env" in message and "environment variable" in message
+        assert "hunter2" not in message, "the error must not repeat the password"
+
+
+def test_pool_and_replica_settings_are_validated(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, ""))
+    assert (s.store.pool_min, s.store.pool_max, s.store.password_env) == (
+        1, 4, "SUPPORTBOT_DB_PASSWORD")
+    assert (s.service.replica_id, s.service.lease_ttl_s, s.service.sweep_interval_s) == (
+        "", 30.0, 1.0)
+    for text, key in (
+        ("[store]\npool_min = 5\n", "store.pool_min"),
+        ("[store]\npool_max = 0\n", "store.pool_max"),
+        ("[service]\nlease_ttl_s = 0.0\n", "service.lease_ttl_s"),
+        ("[service]\nsweep_interval_s = -1.0\n", "service.sweep_interval_s"),
+    ):
+        path = write(tmp_path, text)
+        with pytest.raises(ConfigError) as err:
+            load_settings(path)
+        assert str(path) in str(err.value) and key in str(err.value), text
+
+
+def test_sqlite_readers_refuse_a_postgresql_store(tmp_path: Path) -> None:
+    """``supportbot report`` reads the SQLite file; on PostgreSQL it says why it cannot."""
+    path = write(tmp_path, '[store]\nurl = "postgresql://bot@db/support"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "bots.cli", "report", "--config", str(path),
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{path}: supportbot report reads the SQLite store only" in result.stderr

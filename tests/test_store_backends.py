@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from core import metrics
+from core import metrics, store_postgres
 from core.messages import Inbound, Kind, User
 from core.store import MIGRATIONS, Scores, SQLiteStore, StoredInbound, StoreError, now_iso
-from core.store_postgres import PG_MIGRATIONS, PostgresStore, describe_url
+from core.store_postgres import NOTIFY_LIMIT_BYTES, PG_MIGRATIONS, PostgresStore, describe_url
 from tests.postgres_cluster import Cluster, ClusterError, start_cluster
 
 AnyStore = SQLiteStore | PostgresStore
@@ -258,6 +260,184 @@ async def test_recovery_marks_replied_messages_answered_and_interrupts_pending(
     ]
 
 
+async def test_recovery_limited_to_some_conversations_leaves_the_others_alone(
+    store: AnyStore,
+) -> None:
+    """What a replica taking over one conversation settles: that one's replies, never the
+    ones another replica is writing in its own conversations."""
+    mine = {n: await stored(store, inbound(f"a-{n}", n, key="a")) for n in ("sending", "pending")}
+    theirs = {n: await stored(store, inbound(f"b-{n}", n, key="b")) for n in ("sending",
+                                                                              "pending")}
+    replies = {}
+    for side, msgs in (("mine", mine), ("theirs", theirs)):
+        cid = msgs["sending"].conversation_id
+        replies[side, "sending"] = await store.begin_outbound(
+            cid, "web", "bot", msgs["sending"].message_id, "done", status="sending")
+        replies[side, "pending"] = await store.begin_outbound(
+            cid, "web", "bot", msgs["pending"].message_id)
+    a, b = mine["sending"].conversation_id, theirs["sending"].conversation_id
+
+    assert await store.unfinished_inbound(conversations=[]) == []
+    unfinished = await store.unfinished_inbound(conversations=[a])
+    assert [r["id"] for r in unfinished] == [mine["pending"].message_id]
+    status = {m["id"]: (m["status"], m["error"]) for m in await rows(store, "messages")}
+    assert status[replies["mine", "sending"]] == ("sent", None)
+    assert status[mine["sending"].message_id] == ("answered", None)
+    assert status[replies["mine", "pending"]] == ("failed", "interrupted")
+    assert status[replies["theirs", "sending"]] == ("sending", None)
+    assert status[replies["theirs", "pending"]] == ("pending", None)
+    assert status[theirs["sending"].message_id] == ("received", None)
+    assert [r["id"] for r in await store.unfinished_inbound(
+        skip=[theirs["pending"].message_id], conversations=[a, b])] == [
+        mine["pending"].message_id,
+    ]
+    status = {m["id"]: m["status"] for m in await rows(store, "messages")}
+    assert status[replies["theirs", "sending"]] == "sent"
+    assert status[replies["theirs", "pending"]] == "pending", "skipped: still being written"
+
+
+# -- leases: one replica per conversation --------------------------------------------------
+
+
+async def leases(store: AnyStore) -> list[dict[str, Any]]:
+    return await store.query("SELECT * FROM conversation_leases ORDER BY conversation_id")
+
+
+async def _lease(store: AnyStore, conversation_id: int) -> dict[str, Any] | None:
+    return next((r for r in await leases(store) if r["conversation_id"] == conversation_id),
+                None)
+
+
+async def test_two_replicas_taking_one_conversation_one_wins(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    for i in range(20):
+        cid = (await stored(a, inbound(f"m{i}", key=f"k{i}"))).conversation_id
+        won = await asyncio.gather(a.take_conversation(cid, "A", 30),
+                                   b.take_conversation(cid, "B", 30))
+        assert sorted(won) == [False, True], (i, won)
+        winner, loser = (("A", a), ("B", b)) if won[0] else (("B", b), ("A", a))
+        lease = await _lease(a, cid)
+        assert lease is not None and lease["owner"] == winner[0]
+        assert await winner[1].take_conversation(cid, winner[0], 30) is True, "renewed"
+        assert await loser[1].take_conversation(cid, loser[0], 30) is False
+    assert len(await leases(b)) == 20
+
+
+async def test_a_lapsed_lease_is_taken_over_and_its_old_owner_learns_it(
+    backend: Backend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    cid = (await stored(a, inbound("m1"))).conversation_id
+    other = (await stored(a, inbound("m2", key="c2"))).conversation_id
+    assert await a.take_conversation(cid, "A", 0.2)
+    assert await a.take_conversation(other, "A", 30)
+    assert await b.take_conversation(cid, "B", 30) is False
+    lease = await _lease(a, cid)
+    assert lease is not None and 0 < lease["expires_at"] - time.time() < 5, "epoch seconds"
+    await asyncio.sleep(0.3)
+    assert await b.take_conversation(cid, "B", 30) is True
+    assert await a.renew_conversations("A", 30) == [other]
+    assert await b.renew_conversations("B", 30) == [cid]
+    assert await a.take_conversation(cid, "A", 30) is False
+    assert await a.renew_conversations("nobody", 30) == []
+
+
+async def test_only_the_owner_releases_a_lease(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    cid = (await stored(a, inbound("m1"))).conversation_id
+    assert await a.take_conversation(cid, "A", 30)
+    await b.release_conversation(cid, "B")
+    await b.release_conversation(10_000, "B")
+    assert await b.take_conversation(cid, "B", 30) is False
+    await a.release_conversation(cid, "A")
+    assert await _lease(a, cid) is None
+    assert await b.take_conversation(cid, "B", 30) is True
+
+
+async def test_orphaned_conversations_are_unfinished_and_held_by_no_live_replica(
+    backend: Backend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    older = await stored(a, inbound("old", key="older"))  # answered: only its later one counts
+    await a.set_inbound_status(older.message_id, "answered")
+    free = await stored(a, inbound("free", key="free"))
+    held = await stored(a, inbound("held", key="held"))
+    lapsed = await stored(a, inbound("lapsed", key="lapsed"))
+    own = await stored(a, inbound("own", key="own"))
+    later = await stored(a, inbound("later", key="older"))
+    done = await stored(a, inbound("done", key="done"))
+    await a.set_inbound_status(done.message_id, "answered")
+    await a.set_inbound_status(own.message_id, "processing")
+    assert await b.take_conversation(held.conversation_id, "B", 30)
+    assert await b.take_conversation(lapsed.conversation_id, "B", 0.05)
+    assert await a.take_conversation(own.conversation_id, "A", 30)
+    assert await b.take_conversation(done.conversation_id, "B", 0.05)
+    await asyncio.sleep(0.1)
+
+    expected = [free.conversation_id, lapsed.conversation_id, own.conversation_id,
+                later.conversation_id]
+    assert await a.orphaned_conversations("A") == expected
+    assert await a.orphaned_conversations("A", limit=2) == expected[:2]
+    assert await b.orphaned_conversations("B") == [
+        free.conversation_id, held.conversation_id, lapsed.conversation_id,
+        later.conversation_id,
+    ], "B's own live lease is its to recover; A's is not"
+
+
+# -- what callers used to ask in SQLite's dialect -------------------------------------------
+
+
+async def test_the_customers_last_text(store: AnyStore) -> None:
+    cid = (await stored(store, inbound("m1", "first"))).conversation_id
+    assert await store.last_customer_text(cid) == "first"
+    await stored(store, inbound("m2", "latest"))
+    await stored(store, inbound("m3", "👍", kind=Kind.REACTION))
+    await store.begin_outbound(cid, "web", "bot", None, "a reply", status="sending")
+    assert await store.last_customer_text(cid) == "latest"
+    other = (await stored(store, inbound("m4", "", key="c2", kind=Kind.ATTACHMENT)))
+    assert await store.last_customer_text(other.conversation_id) is None
+    assert await store.last_customer_text(10_000) is None
+
+
+async def test_users_named_alike(store: AnyStore) -> None:
+    ids = [(await stored(store, inbound(f"m{i}", key=f"k{i}", user=f"u{i}", name=name,
+                                        platform=platform))).user_id
+           for i, (name, platform) in enumerate((
+               ("Ann Lee", "web"), ("ann lee", "telegram"), ("Ann Leeds", "web"),
+               ("ANN LEE", "discord"), ("Bob", "web")))]
+    found = await store.users_named("aNN lEE", 10)
+    assert [u["id"] for u in found] == [ids[3], ids[1], ids[0]]
+    assert found[0] == {"id": ids[3], "platform": "discord", "platform_user_id": "u3",
+                        "display_name": "ANN LEE"}
+    assert [u["id"] for u in await store.users_named("Ann Lee", 2)] == [ids[3], ids[1]]
+    assert await store.users_named("Ann", 10) == []
+
+
+async def test_user_events_are_the_article_signals_in_order(store: AnyStore) -> None:
+    s = await stored(store, inbound("m1"))
+    other = await stored(store, inbound("m2", user="u2", key="c2"))
+    await store.log_event("suggestion_shown", user_id=s.user_id, item_id="a1",
+                          conversation_id=s.conversation_id)
+    await store.log_event("escalated", user_id=s.user_id, item_id="a1")
+    await store.log_event("feedback", user_id=s.user_id, value="up")
+    await store.log_event("suggestion_clicked", user_id=other.user_id, item_id="a2")
+    await store.log_events([
+        {"type": "article_viewed", "user_id": s.user_id, "item_id": "a2"},
+        {"type": "feedback", "user_id": s.user_id, "item_id": "a2", "value": "down"},
+        {"type": "suggestion_clicked", "user_id": s.user_id, "item_id": "a1",
+         "conversation_id": s.conversation_id},
+    ])
+    assert await store.user_events(s.user_id) == [
+        {"type": "suggestion_shown", "item_id": "a1", "conversation_id": s.conversation_id,
+         "value": None},
+        {"type": "article_viewed", "item_id": "a2", "conversation_id": None, "value": None},
+        {"type": "feedback", "item_id": "a2", "conversation_id": None, "value": "down"},
+        {"type": "suggestion_clicked", "item_id": "a1", "conversation_id": s.conversation_id,
+         "value": None},
+    ]
+    assert await store.user_events(10_000) == []
+
+
 # -- tickets -------------------------------------------------------------------------------
 
 
@@ -435,6 +615,9 @@ async def test_postgres_schema_matches_sqlite(pg_cluster: Cluster, tmp_path: Pat
     try:
         lite_tables = [r["name"] for r in await lite.query(
             "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        pg_tables = {r["table_name"] for r in await pg.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
+        assert pg_tables - set(lite_tables) == {"schema_version", "relay_messages"}
         for table in lite_tables:
             lite_cols = [(r["name"], bool(r["notnull"]) or bool(r["pk"])) for r in
                          await lite.query(f"PRAGMA table_info({table})")]
@@ -601,6 +784,152 @@ async def test_postgres_text_cannot_hold_nul_so_it_is_replaced(pg_cluster: Clust
         assert line.text == "\ufffdHow do I return an item?"
     finally:
         await store.close()
+
+
+# -- the relay between replicas ------------------------------------------------------------
+
+
+async def _until(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_relay_channel_names_are_checked_on_both_backends(store: AnyStore) -> None:
+    for bad in ("", "x" * 49, "two words", "ünïcode", "nul\x00"):
+        with pytest.raises(ValueError, match="relay channel"):
+            await store.publish(bad, "x")
+        with pytest.raises(ValueError, match="relay channel"):
+            await store.subscribe(bad, lambda _: None)
+
+
+async def test_sqlite_relays_nothing(tmp_path: Path) -> None:
+    """One process per SQLite file: every socket is local, there is no one to relay to."""
+    a, b = SQLiteStore(tmp_path / "s.db"), SQLiteStore(tmp_path / "s.db")
+    await a.open()
+    await b.open()
+    try:
+        got: list[str] = []
+        unsubscribe = await b.subscribe("replies", got.append)
+        await a.publish("replies", "hello")
+        await b.publish("replies", "hello")
+        await asyncio.sleep(0.05)
+        assert got == []
+        await unsubscribe()
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.fixture
+async def pg_pair(pg_cluster: Cluster) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two replicas (two stores) on one database."""
+    url = pg_cluster.create_database()
+    a, b = PostgresStore(url), PostgresStore(url)
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_postgres_relay_delivers_to_other_replicas_in_order(
+    pg_pair: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = pg_pair
+    big = "é" * 10_000  # 20 KB of UTF-8: past NOTIFY's limit
+    assert len(big.encode()) > NOTIFY_LIMIT_BYTES
+    at_b: list[str] = []
+    at_b_async: list[str] = []
+    at_a: list[str] = []
+
+    async def slow(payload: str) -> None:
+        await asyncio.sleep(0.01)
+        at_b_async.append(payload)
+
+    def broken(payload: str) -> None:
+        raise RuntimeError("a subscriber's bug")
+
+    await b.subscribe("replies", broken)
+    await b.subscribe("replies", at_b.append)
+    await b.subscribe("replies", slow)
+    await a.subscribe("replies", at_a.append)
+    reply = json.dumps({"to": "c1", "text": "¿qué tal?"}, ensure_ascii=False)
+    sent = ["one", big, reply, "four", big + "!"]
+    for payload in sent:
+        await a.publish("replies", payload)
+    await a.publish("elsewhere", "not subscribed")
+    await _until(lambda: len(at_b_async) == len(sent), "B's deliveries")
+    assert at_b == at_b_async == sent
+    await b.publish("replies", "from b")
+    await _until(lambda: bool(at_a), "A's delivery")
+    assert at_a == ["from b"], "a replica never gets its own publications"
+    assert at_b == sent, "nor does B"
+    assert len(await a.query("SELECT id FROM relay_messages")) == 2
+
+
+async def test_postgres_relay_unsubscribe_and_old_payloads_deleted(
+    pg_pair: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = pg_pair
+    monkeypatch.setattr(store_postgres, "RELAY_POLL_S", 60.0)
+    kept: list[str] = []
+    dropped: list[str] = []
+    unsubscribe = await b.subscribe("replies", dropped.append)
+    await b.subscribe("replies", kept.append)
+    await a.publish("replies", "both")
+    await _until(lambda: dropped == ["both"], "the first delivery")
+    started = time.monotonic()
+    late: list[str] = []
+    await b.subscribe("later", late.append)
+    assert time.monotonic() - started < 2, "a running listener is woken for a new channel"
+    await a.publish("later", "on time")
+    await _until(lambda: late == ["on time"], "the new channel's delivery")
+    await unsubscribe()
+    await unsubscribe()
+    await a.publish("replies", "one")
+    await _until(lambda: kept == ["both", "one"], "the second delivery")
+    assert dropped == ["both"]
+
+    await a.query(  # a payload nobody read, left six minutes ago
+        "INSERT INTO relay_messages (channel, payload, created_at) VALUES "
+        "('replies', 'stale', extract(epoch from clock_timestamp()) - 360) RETURNING id")
+    await a.publish("replies", "x" * 9000)
+    await _until(lambda: len(kept) == 3, "the long payload")
+    assert [r["payload"] for r in await a.query("SELECT payload FROM relay_messages")] == [
+        "x" * 9000,
+    ]
+
+
+async def test_postgres_relay_listens_again_after_a_server_restart(
+    pg_cluster: Cluster, pg_pair: tuple[PostgresStore, PostgresStore],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = pg_pair
+    got: list[str] = []
+    await b.subscribe("replies", got.append)
+    await a.publish("replies", "before")
+    await _until(lambda: got == ["before"], "the first delivery")
+    with caplog.at_level(logging.WARNING, logger="core.store_postgres"):
+        await asyncio.to_thread(pg_cluster.restart)
+        # Published while B's listener is away is lost (at most once): ask until it is back.
+        for i in range(300):
+            await a.publish("replies", f"after {i}")
+            await asyncio.sleep(0.05)
+            if any(g.startswith("after") for g in got):
+                break
+    assert any(g.startswith("after") for g in got), got
+    assert "relay: connection to" in caplog.text and "listening again" in caplog.text
+
+
+async def test_postgres_subscribe_needs_an_open_store(pg_cluster: Cluster) -> None:
+    store = PostgresStore(pg_cluster.create_database())
+    with pytest.raises(StoreError, match="not opened"):
+        await store.subscribe("replies", lambda _: None)
+    await store.close()
 
 
 def test_a_cluster_without_binaries_fails_loudly(monkeypatch: pytest.MonkeyPatch,

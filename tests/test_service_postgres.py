@@ -1,0 +1,274 @@
+"""The service on PostgreSQL: config, start-up, a web customer answered, a restart that
+keeps the transcript, and frames relayed between replicas' web sockets.
+
+PostgreSQL is a real throwaway cluster (``tests/postgres_cluster.py``), started once for
+the module; each test gets its own database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from adapters.web import RELAY_CHANNEL, WebAdapter
+from bots.service import Service, build_store
+from core.analytics import SQLITE_ONLY
+from core.pipeline import Pipeline
+from core.store import SQLiteStore
+from core.store_postgres import PostgresStore
+from tests.conftest import (
+    DATA_DIR,
+    OPERATOR_TOKEN,
+    REPO,
+    ScriptedDraftGenerator,
+    make_settings,
+    wait_for,
+)
+from tests.postgres_cluster import Cluster, ClusterError, start_cluster
+from tests.test_end_to_end import Customer, operator_headers
+from tests.test_service import free_port
+
+PASSWORD = "pg-s3cret-value"
+
+
+@pytest.fixture(scope="module")
+def pg_cluster() -> Iterator[Cluster]:
+    try:
+        cluster = start_cluster()
+    except ClusterError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+def conversation_rows(url: str, session: str) -> list[dict[str, Any]]:
+    """The session's messages as PostgreSQL holds them, read behind the service's back."""
+    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
+        return conn.execute(
+            "SELECT m.direction, m.sender, m.status, m.text FROM messages m "
+            "JOIN conversations c ON c.id = m.conversation_id "
+            "WHERE c.platform = 'web' AND c.conversation_key = %s ORDER BY m.id",
+            [session],
+        ).fetchall()
+
+
+def test_the_password_comes_from_the_environment_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = "postgresql://supportbot@db.internal:5433/support"
+    settings = make_settings(tmp_path, store={"url": url, "password_env": "TEST_PG_PASSWORD"})
+    monkeypatch.delenv("TEST_PG_PASSWORD", raising=False)
+    store = build_store(settings)
+    assert isinstance(store, PostgresStore)
+    assert "password" not in conninfo_to_dict(store.url)
+
+    monkeypatch.setenv("TEST_PG_PASSWORD", PASSWORD)
+    caplog.set_level(logging.INFO, logger="bots.service")
+    store = build_store(make_settings(
+        tmp_path, store={"url": url, "password_env": "TEST_PG_PASSWORD",
+                         "pool_min": 2, "pool_max": 6}))
+    assert isinstance(store, PostgresStore)
+    params = conninfo_to_dict(store.url)
+    assert params["password"] == PASSWORD
+    assert (params["host"], params["port"], params["dbname"], params["user"]) == (
+        "db.internal", "5433", "support", "supportbot")
+    assert (store.min_size, store.max_size) == (2, 6)
+    assert "postgresql://supportbot@db.internal:5433/support" in caplog.text
+    assert PASSWORD not in caplog.text
+
+    sqlite = build_store(make_settings(tmp_path))
+    assert isinstance(sqlite, SQLiteStore) and sqlite.path == tmp_path / "supportbot.db"
+
+
+async def test_a_customer_is_answered_and_the_transcript_survives_a_restart(
+    pg_cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = pg_cluster.create_database()
+    settings = make_settings(tmp_path, store={"url": url})
+    caplog.set_level(logging.INFO, logger="bots.service")
+    session = "pg-session-1"
+
+    service = Service(settings)
+    await service.start()
+    try:
+        assert isinstance(service.store, PostgresStore)
+        assert SQLITE_ONLY in caplog.text
+        base = f"http://127.0.0.1:{service.adapters[0].port}"
+        async with aiohttp.ClientSession() as http:
+            customer = await Customer.connect(http, base, session)
+            await customer.say("How can I track my order?")
+            reply = await customer.until("reply")
+            assert reply["sender"] == "bot" and reply["text"].strip()
+
+            async with http.get(f"{base}/api/operator/analytics?since=24h",
+                                headers=operator_headers()) as resp:
+                assert resp.status == 503
+                assert (await resp.json()) == {"error": SQLITE_ONLY}
+            await customer.ws.close()
+        with pytest.raises(RuntimeError, match="SQLite only"):
+            await service.post_report()
+    finally:
+        await service.stop()
+
+    rows = await asyncio.to_thread(conversation_rows, url, session)
+    assert [(r["direction"], r["sender"], r["status"]) for r in rows] == [
+        ("in", "customer", "answered"), ("out", "bot", "sent"),
+    ]
+    assert rows[0]["text"] == "How can I track my order?"
+    assert rows[1]["text"].strip() == reply["text"].strip()
+    assert not (tmp_path / "supportbot.db").exists(), "nothing may go to the SQLite file"
+
+    service = Service(settings)
+    await service.start()
+    try:
+        base = f"http://127.0.0.1:{service.adapters[0].port}"
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"{base}/ws?session={session}")
+            hello = await ws.receive_json(timeout=10)
+            await ws.close()
+    finally:
+        await service.stop()
+    assert hello["type"] == "hello"
+    assert [(line["direction"], line["text"].strip()) for line in hello["transcript"]] == [
+        ("in", "How can I track my order?"), ("out", reply["text"].strip()),
+    ]
+    assert hello["transcript"][1]["reply"] == reply["reply"]
+
+
+async def test_supportbot_run_on_postgresql(pg_cluster: Cluster, tmp_path: Path) -> None:
+    """The command an operator runs: the URL from the file, the password from the
+    environment and never in the log, ready to serve, stopped by SIGTERM."""
+    url = pg_cluster.create_database()
+    port = free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[service]\ndata_dir = "{DATA_DIR}"\nreplica_id = "run-test"\n'
+        f'[store]\npath = "{tmp_path / "unused.db"}"\nurl = "{url}"\n'
+        f'[web]\nport = {port}\n[generator]\nmax_new_tokens = 16\n',
+        encoding="utf-8",
+    )
+    env = {**os.environ, "SUPPORTBOT_OPERATOR_TOKEN": "t0ken",
+           "SUPPORTBOT_DB_PASSWORD": PASSWORD}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bots.cli", "run", "--config", str(config),
+        cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def ready() -> bool:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(ready, timeout=90, step=0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    log = out.decode()
+    assert proc.returncode == 0, log
+    # (redact_logs reads the URL's user@host as an email address and masks it)
+    assert "store: PostgreSQL at postgresql://" in log and f":{pg_cluster.port}/t_" in log
+    assert SQLITE_ONLY in log and "replica 'run-test'" in log
+    assert PASSWORD not in log
+    assert not (tmp_path / "unused.db").exists()
+
+
+class _Replica:
+    """One replica's web adapter on its own store (no models: nothing is answered)."""
+
+    def __init__(self, settings: Any, url: str, relay: bool = True) -> None:
+        self.store = PostgresStore(url)
+        self.web = WebAdapter(settings.web, OPERATOR_TOKEN, relay=relay)
+        no_classifier: Any = None  # never asked: no message is submitted
+        self.pipeline = Pipeline(settings, self.store, no_classifier, ScriptedDraftGenerator())
+
+    async def start(self) -> _Replica:
+        await self.store.open()
+        await self.web.start(self.pipeline)
+        return self
+
+    async def stop(self) -> None:
+        await self.web.stop()
+        await self.store.close()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.web.port}"
+
+
+async def test_frames_reach_a_customer_whose_socket_is_on_another_replica(
+    pg_cluster: Cluster, tmp_path: Path,
+) -> None:
+    url = pg_cluster.create_database()
+    settings = make_settings(tmp_path, store={"url": url})
+    a = await _Replica(settings, url).start()
+    b = await _Replica(settings, url).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            on_b = await Customer.connect(http, b.base, "relayed-session")
+            on_a = await Customer.connect(http, a.base, "relayed-session")
+            await a.web.broadcast("relayed-session", {"type": "typing", "reply": "r1"})
+            await a.web.broadcast("relayed-session", {"type": "delta", "reply": "r1",
+                                                      "text": "Ça arrive — demain"})
+            await a.web.broadcast("other-session", {"type": "typing", "reply": "r2"})
+            assert (await on_b.next_frame(10))["type"] == "typing"
+            assert (await on_b.next_frame(10))["text"] == "Ça arrive — demain"
+            assert [(await on_a.next_frame(10))["type"] for _ in range(2)] == ["typing", "delta"]
+
+            # Back the other way; the sender's own tab gets each frame once.
+            await b.web.broadcast("relayed-session", {"type": "abort", "reply": "r1"})
+            assert (await on_a.next_frame(10))["type"] == "abort"
+            assert (await on_b.next_frame(10))["type"] == "abort"
+            with pytest.raises(asyncio.TimeoutError):
+                await on_b.next_frame(1.0)
+            with pytest.raises(asyncio.TimeoutError):
+                await on_a.next_frame(0.2)
+
+            # A frame too long for one NOTIFY arrives whole; malformed relays are dropped.
+            await a.store.publish(RELAY_CHANNEL, "not json")
+            await a.store.publish(RELAY_CHANNEL, json.dumps({"key": "relayed-session"}))
+            long_text = "Suivez votre colis ici. " * 600
+            await a.web.broadcast("relayed-session", {"type": "delta", "text": long_text})
+            assert (await on_a.next_frame(10))["text"] == long_text
+            assert (await on_b.next_frame(10))["text"] == long_text
+            with pytest.raises(asyncio.TimeoutError):
+                await on_b.next_frame(1.0)
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+async def test_without_relay_nothing_is_published(pg_cluster: Cluster, tmp_path: Path) -> None:
+    """The SQLite setting (one process): broadcast stays local, as it always was."""
+    url = pg_cluster.create_database()
+    settings = make_settings(tmp_path, store={"url": url})
+    a = await _Replica(settings, url, relay=False).start()
+    b = await _Replica(settings, url).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            on_b = await Customer.connect(http, b.base, "local-session")
+            await a.web.broadcast("local-session", {"type": "typing", "reply": "r1"})
+            with pytest.raises(asyncio.TimeoutError):
+                await on_b.next_frame(1.0)
+    finally:
+        await b.stop()
+        await a.stop()
