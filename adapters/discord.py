@@ -11,6 +11,8 @@ Built on discord.py 2.x, which keeps its own rate-limit buckets, retries 429s af
 * a 503, which discord.py raises at once, is retried (it retries 429 and 500/502/504
   itself); a send that still fails is raised to the pipeline (the message is marked failed)
   or reported to the operator who wrote it, never dropped silently;
+* with ``shard_id``/``shard_count`` set, the connection identifies as that shard, so one
+  replica per shard gets its guilds' events (and shard 0 the DMs), each event once;
 * a replayed or redelivered MESSAGE_CREATE is processed once (the message snowflake is the
   ``platform_message_id`` the pipeline deduplicates on, plus an in-memory guard for the
   operator side), and ``on_ready`` firing again after a reconnect repeats no start-up work.
@@ -660,6 +662,7 @@ class DiscordAdapter(Adapter, CustomerChannel):
         self._client = _Client(
             self, intents=intents, allowed_mentions=NO_MENTIONS,
             guild_ready_timeout=self.settings.guild_ready_timeout_s,
+            shard_id=self.settings.shard_id, shard_count=self.settings.shard_count,
         )
         try:
             await self._client.login(self._token)
@@ -720,7 +723,11 @@ class DiscordAdapter(Adapter, CustomerChannel):
         self._started_up = True
         self.startup_runs += 1
         self._ready.set()
-        log.info("discord: ready as %s", self.client.user)
+        if self.settings.shard_count is None:
+            log.info("discord: ready as %s", self.client.user)
+        else:
+            log.info("discord: ready as %s, shard %d of %d", self.client.user,
+                     self.settings.shard_id, self.settings.shard_count)
         if not self.settings.operator_channel_id:
             return
         room = self.client.get_channel(self.settings.operator_channel_id)

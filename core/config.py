@@ -406,6 +406,29 @@ class DiscordSettings:
     guild_ready_timeout_s: float = Field(default=2.0, ge=0)
     """How long discord.py waits for further GUILD_CREATEs before ``on_ready``."""
     start_timeout_s: float = Field(default=60.0, gt=0)
+    shard_id: int | None = Field(default=None, ge=0)
+    """This replica's gateway shard when several replicas share the bot; Discord sends a
+    guild's events to shard ``(guild_id >> 22) % shard_count`` only, and DMs to shard 0.
+    Unset (with ``shard_count``): one unsharded connection."""
+    shard_count: int | None = Field(default=None, gt=0)
+    """How many shards (replicas) there are in all; set with ``shard_id`` or not at all."""
+
+    @model_validator(mode="after")
+    def _shard_pair(self) -> DiscordSettings:
+        """Half a shard pair would identify as a shard Discord never routes to (or fail
+        in discord.py), so both are set or neither, and the id is one of the shards."""
+        if (self.shard_id is None) != (self.shard_count is None):
+            given, missing = (("shard_id", "shard_count") if self.shard_count is None
+                              else ("shard_count", "shard_id"))
+            raise PydanticCustomError(
+                _NO_ECHO, f"'discord.{given}' is set but 'discord.{missing}' is not; set "
+                "both (this replica's shard and the number of shards) or neither")
+        if self.shard_id is not None and self.shard_count is not None \
+                and self.shard_id >= self.shard_count:
+            raise PydanticCustomError(
+                _NO_ECHO, f"'discord.shard_id' ({self.shard_id}) must be less than "
+                f"'discord.shard_count' ({self.shard_count}): shards are numbered from 0")
+        return self
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -58,10 +58,6 @@ from core.text import clean_text, truncate
 
 log = logging.getLogger(__name__)
 
-_ANSWERING: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "answering", default=None)
-"""The conversation whose message the current task is answering (set by the worker):
-the replies it sends are fenced by that conversation's lease."""
 
 STORE_FALLBACK_TEXT = (
     "Sorry, we have a technical problem and could not answer just now. Your message is "
@@ -74,6 +70,12 @@ class _Job:
     message_id: int
     inbound: Inbound = field(compare=False)
     stored: StoredInbound = field(compare=False)
+
+
+_ANSWERING: contextvars.ContextVar[_Job | None] = contextvars.ContextVar(
+    "answering", default=None)
+"""The message the current task is answering (set by the worker): with several replicas,
+the replies it sends are fenced by its conversation's lease and its status."""
 
 
 @dataclass(slots=True)
@@ -320,7 +322,6 @@ class Pipeline:
 
     async def _drain(self, key: int) -> None:
         queue = self._queues[key]
-        answering = _ANSWERING.set(key)
         try:
             while not self._closing:
                 if self._leases is not None and not await self._adopt(key, queue):
@@ -329,6 +330,7 @@ class Pipeline:
                     break
                 job = queue.pop(0)
                 token = CONVERSATION_ID.set(job.stored.conversation_id)
+                answering = _ANSWERING.set(job)
                 handed_back = False
                 try:
                     await self._process(job)
@@ -351,11 +353,11 @@ class Pipeline:
                     await self._mark(job, "failed")
                 finally:
                     CONVERSATION_ID.reset(token)
+                    _ANSWERING.reset(answering)
                     if not handed_back:
                         self._done(job)
                         self._apologised.discard(job.message_id)
         finally:
-            _ANSWERING.reset(answering)
             # No await between the emptiness check and removal: nothing can slip in.
             if not queue or self._closing:
                 self._queues.pop(key, None)
@@ -368,9 +370,11 @@ class Pipeline:
             metrics.QUEUED.set(len(self._workers))
 
     async def _adopt(self, key: int, queue: list[_Job]) -> bool:
-        """Before each message of a conversation this replica holds: queue, in order, what
-        other replicas committed for it meanwhile; when nothing is left, give the lease
-        back. ``False``: stop (the lease is gone, given back, or the database failed)."""
+        """Before each message of a conversation this replica holds: the queue becomes what
+        the database says is unanswered, in order (what other replicas committed for it
+        meanwhile joins; what another answered while the lease had lapsed leaves); when
+        nothing is left, give the lease back. ``False``: stop (the lease is gone, given
+        back, or the database failed)."""
         assert self._leases is not None
         try:
             if not await self._leases.take(key):
@@ -378,10 +382,17 @@ class Pipeline:
                     self._release(job)
                 queue.clear()
                 return False
-            rows = await self.store.unfinished_inbound(sorted(self._inflight), [key])
+            # Nothing of this conversation is being answered here between two messages, so
+            # recovery's rules apply to all of it.
+            rows = await self.store.unfinished_inbound((), [key])
+            unanswered = {row["id"] for row in rows}
+            for job in [j for j in queue if j.message_id not in unanswered]:
+                queue.remove(job)
+                self._done(job)  # answered by another replica meanwhile
+            queued = {j.message_id for j in queue}
             for row in rows:
                 job = _job_from_row(row)
-                if job.message_id not in self._inflight:
+                if job.message_id not in queued:
                     self._parked.discard(job.message_id)
                     self._inflight.add(job.message_id)
                     bisect.insort(queue, job)
@@ -1261,7 +1272,8 @@ class Pipeline:
         operator: Operator | None = None,
     ) -> None:
         """Send a whole message, stored as pending before and sent after."""
-        if _ANSWERING.get() == conversation_id:
+        answering = _ANSWERING.get()
+        if answering is not None and answering.stored.conversation_id == conversation_id:
             await self._fence()
         convo = await self.store.conversation(conversation_id)
         out_id = await self.store.begin_outbound(
@@ -1286,10 +1298,14 @@ class Pipeline:
 
     async def _fence(self) -> None:
         """With several replicas, the last hop of an answer: renew the conversation's
-        lease, or stop (:class:`LeaseLost`) if another replica took it over."""
-        conversation_id = _ANSWERING.get()
-        if self._leases is not None and conversation_id is not None:
-            await self._leases.fence(conversation_id)
+        lease, and stop (:class:`LeaseLost`) if another replica took it over, or took it,
+        answered and gave it back while this one's lease had lapsed."""
+        job = _ANSWERING.get()
+        if self._leases is None or job is None:
+            return
+        await self._leases.fence(job.stored.conversation_id)
+        if await self.store.inbound_status(job.message_id) not in ("received", "processing"):
+            raise LeaseLost(job.stored.conversation_id)
 
     async def _not_sent(self, out_id: int, exc: BaseException) -> None:
         """Record a reply the platform refused as ``failed``, so recovery answers its message

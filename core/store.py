@@ -250,6 +250,7 @@ class Store(Protocol):
     async def publish(self, channel: str, payload: str) -> None: ...
     async def subscribe(self, channel: str, callback: RelayCallback) -> Unsubscribe: ...
     async def last_customer_text(self, conversation_id: int) -> str | None: ...
+    async def inbound_status(self, message_id: int) -> str | None: ...
     async def begin_outbound(
         self, conversation_id: int, platform: str, sender: str, reply_to: int | None,
         text: str = "", status: Literal["pending", "sending"] = "pending",
@@ -708,6 +709,13 @@ class SQLiteStore:
             [conversation_id],
         )
         return rows[0]["text"] if rows else None
+
+    async def inbound_status(self, message_id: int) -> str | None:
+        """Where a customer's message stands (``received`` ... ``answered``): a replica
+        checks it just before its answer goes out, in case another answered it first."""
+        rows = await self.query(
+            "SELECT status FROM messages WHERE id = ? AND direction = 'in'", [message_id])
+        return rows[0]["status"] if rows else None
 
     async def transcript(self, conversation_id: int, limit: int = 200) -> list[TranscriptLine]:
         rows = await self.query(

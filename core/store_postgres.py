@@ -897,6 +897,12 @@ class PostgresStore:
         )
         return rows[0]["text"] if rows else None
 
+    async def inbound_status(self, message_id: int) -> str | None:
+        """See :meth:`core.store.SQLiteStore.inbound_status`."""
+        rows = await self.query(
+            "SELECT status FROM messages WHERE id = %s AND direction = 'in'", [message_id])
+        return rows[0]["status"] if rows else None
+
     async def transcript(self, conversation_id: int, limit: int = 200) -> list[TranscriptLine]:
         rows = await self.query(
             "SELECT id, direction, sender, text, created_at, sentiment, p_negative, "

@@ -4,9 +4,12 @@ Why: the Discord adapter is proven with the real discord.py over real sockets, s
 speaks the wire protocol the library expects: HELLO with a heartbeat interval, IDENTIFY,
 heartbeats and ACKs, READY (with ``resume_gateway_url``), GUILD_CREATE, sequenced dispatches,
 RESUME with replay of missed events, RECONNECT (op 7), INVALID_SESSION (op 9), session close
-codes, zlib-stream transport compression, intent filtering (message content is blanked
-without the privileged intent, as Discord does), and the REST routes with Discord's JSON
-shapes, error bodies, rate-limit headers and 429s. Every REST call is recorded.
+codes, sharding (IDENTIFY's ``shard: [id, count]``; a guild's events go only to shard
+``(guild_id >> 22) % count`` and DMs only to shard 0, READY lists only the shard's guilds;
+a bad pair is closed with 4010), zlib-stream transport compression, intent filtering
+(message content is blanked without the privileged intent, as Discord does), and the REST
+routes with Discord's JSON shapes, error bodies, rate-limit headers and 429s. Every REST
+call is recorded.
 Messages with files arrive as ``multipart/form-data`` (``payload_json`` plus ``files[n]``
 parts, referenced by ``attachments[].id``); the bytes are kept (:meth:`attachment_bytes`),
 and a file over 25 MiB is refused with 413 / 40005 as Discord does. Server errors (5xx)
@@ -159,6 +162,8 @@ class GatewayEvent:
 class _Session:
     id: str
     intents: int
+    shard: tuple[int, int] = (0, 1)
+    """(shard id, shard count) from IDENTIFY; an unsharded connection is shard 0 of 1."""
     events: list[GatewayEvent] = field(default_factory=list)
     seq: int = 0
     conn: _Conn | None = None
@@ -228,6 +233,8 @@ class FakeDiscord:
         self.connections: list[str] = []
         self.close_codes: list[int] = []
         self.identify_count = 0
+        self.identifies: list[Json] = []
+        """Every accepted IDENTIFY's ``d`` (without the token), in order."""
         self.resume_count = 0
         self.heartbeat_count = 0
         self.sessions: dict[str, _Session] = {}
@@ -295,8 +302,22 @@ class FakeDiscord:
         self.users[uid] = user
         return user
 
-    def add_guild(self, name: str) -> Json:
-        gid = self.ids.next()
+    @staticmethod
+    def shard_of(guild_id: int | str, shard_count: int) -> int:
+        """The shard Discord sends a guild's events to."""
+        return (int(guild_id) >> 22) % shard_count
+
+    def _snowflake_on(self, shard: tuple[int, int]) -> int:
+        """A fresh snowflake whose timestamp puts it on ``shard`` (at most count-1 ms ahead)."""
+        shard_id, count = shard
+        base = self.ids.next()
+        ms = base >> 22
+        ms += (shard_id - ms) % count
+        return (ms << 22) | (base & ((1 << 22) - 1))
+
+    def add_guild(self, name: str, *, shard: tuple[int, int] | None = None) -> Json:
+        """A guild the bot is in; ``shard=(id, count)`` picks an id routed to that shard."""
+        gid = self.ids.next() if shard is None else self._snowflake_on(shard)
         everyone = self._role(gid, "@everyone", position=0)
         guild = {
             "id": str(gid),
@@ -486,6 +507,7 @@ class FakeDiscord:
     # -- gateway: test-side controls ---------------------------------------------------------
 
     def _require_session(self) -> _Session:
+        """The most recently identified session (the only one, unsharded)."""
         if self.session is None or not self.session.valid:
             raise RuntimeError("fake Discord: no identified gateway session")
         return self.session
@@ -495,8 +517,32 @@ class FakeDiscord:
             lambda: self.session is not None and self.session.conn is not None, within)
 
     async def dispatch(self, name: str, data: Json) -> int:
-        """Send a dispatch (op 0) on the current session; kept for replay while disconnected."""
-        session = self._require_session()
+        """Send a dispatch (op 0) to the shard that owns it, as Discord routes: a guild's
+        events to shard ``(guild_id >> 22) % count``, the rest (DMs) to shard 0. Kept for
+        replay while that shard is disconnected; lost, as on Discord, when no session of
+        that shard exists. Returns its sequence number (0: not sent)."""
+        live = [s for s in self.sessions.values() if s.valid]
+        if not live:
+            raise RuntimeError("fake Discord: no identified gateway session")
+        guild_id = self._guild_of(name, data)
+        seq = 0
+        for session in live:
+            if self._owns(session, guild_id):
+                seq = await self._dispatch_to(session, name, data)
+        return seq
+
+    @staticmethod
+    def _guild_of(name: str, data: Json) -> int | None:
+        if name in ("GUILD_CREATE", "GUILD_UPDATE", "GUILD_DELETE"):
+            return int(data["id"])
+        guild_id = data.get("guild_id")
+        return int(guild_id) if guild_id is not None else None
+
+    def _owns(self, session: _Session, guild_id: int | None) -> bool:
+        shard_id, count = session.shard
+        return shard_id == 0 if guild_id is None else self.shard_of(guild_id, count) == shard_id
+
+    async def _dispatch_to(self, session: _Session, name: str, data: Json) -> int:
         if not self._wanted(session.intents, name, data):
             return 0
         data = self._filter_content(session.intents, name, data)
@@ -644,20 +690,27 @@ class FakeDiscord:
             raise GatewayClosed(4013, "Invalid intent(s).")
         if intents & PRIVILEGED & ~self.privileged_intents:
             raise GatewayClosed(4014, "Disallowed intent(s).")
+        shard = data.get("shard", [0, 1])
+        if not (isinstance(shard, list) and len(shard) == 2
+                and all(type(n) is int for n in shard) and 0 <= shard[0] < shard[1]):
+            raise GatewayClosed(4010, "Invalid shard.")
         self.identify_count += 1
-        session = _Session(id=uuid.uuid4().hex, intents=intents)
-        if self.session is not None:
-            self.session.valid = False
+        self.identifies.append({k: v for k, v in data.items() if k != "token"})
+        session = _Session(id=uuid.uuid4().hex, intents=intents, shard=(shard[0], shard[1]))
+        for earlier in self.sessions.values():  # a new IDENTIFY replaces its shard's session
+            if earlier.shard == session.shard:
+                earlier.valid = False
         self.sessions[session.id] = session
         self.session = session
         conn.session = session
         async with session.lock:
             session.conn = conn
+        guilds = [g for g in self.guilds.values() if self._owns(session, int(g["id"]))]
         ready = {
             "v": 10,
             "user": self.bot_user,
             "user_settings": {},
-            "guilds": [{"id": g["id"], "unavailable": True} for g in self.guilds.values()],
+            "guilds": [{"id": g["id"], "unavailable": True} for g in guilds],
             "session_id": session.id,
             "session_type": "normal",
             "resume_gateway_url": self.resume_gateway_url,
@@ -669,10 +722,12 @@ class FakeDiscord:
             "application": {"id": str(self.application_id), "flags": 1 << 19},
             "_trace": ["fake-gateway"],
         }
-        await self.dispatch("READY", ready)
+        if "shard" in data:
+            ready["shard"] = list(session.shard)
+        await self._dispatch_to(session, "READY", ready)
         if intents & GUILDS:
-            for guild in self.guilds.values():
-                await self.dispatch("GUILD_CREATE", guild)
+            for guild in guilds:
+                await self._dispatch_to(session, "GUILD_CREATE", guild)
 
     async def _resume(self, conn: _Conn, data: Json) -> None:
         if conn.session is not None:
