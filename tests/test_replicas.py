@@ -14,32 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psycopg
-import pytest
 from psycopg.rows import dict_row
 
 from tests.conftest import DATA_DIR, wait_for
-from tests.postgres_cluster import Cluster, ClusterError, start_cluster
+from tests.postgres_cluster import Cluster
 from tests.test_kill9 import QUESTIONS, Tab, _healthy, _start, free_port
 
 LEASE_TTL_S = 3.0
-
-
-@pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[Cluster]:
-    try:
-        cluster = start_cluster()
-    except ClusterError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
 
 
 def _config(tmp_path: Path, name: str, url: str, port: int, mode: str) -> Path:

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +35,11 @@ from tests.conftest import (
     make_settings,
     wait_for,
 )
-from tests.postgres_cluster import Cluster, ClusterError, start_cluster
+from tests.postgres_cluster import Cluster
 from tests.test_end_to_end import Customer, operator_headers
 from tests.test_service import free_port
 
 PASSWORD = "pg-s3cret-value"
-
-
-@pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[Cluster]:
-    try:
-        cluster = start_cluster()
-    except ClusterError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
 
 
 def conversation_rows(url: str, session: str) -> list[dict[str, Any]]:

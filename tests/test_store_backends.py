@@ -14,7 +14,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +28,6 @@ from core.store_postgres import NOTIFY_LIMIT_BYTES, PG_MIGRATIONS, PostgresStore
 from tests.postgres_cluster import Cluster, ClusterError, start_cluster
 
 AnyStore = SQLiteStore | PostgresStore
-
-
-@pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[Cluster]:
-    try:
-        cluster = start_cluster()
-    except ClusterError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
 
 
 class Backend:
