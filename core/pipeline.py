@@ -554,8 +554,12 @@ class Pipeline:
             if conversation_id in self._workers:
                 continue  # being answered here: its worker picks up the rest itself
             if await self._leases.take(conversation_id):
-                rows += await self.store.unfinished_inbound(
+                found = await self.store.unfinished_inbound(
                     sorted(self._inflight), [conversation_id])
+                if not found and conversation_id not in self._workers:
+                    # Answered meanwhile: no worker here will give the lease back.
+                    await self._leases.release(conversation_id)
+                rows += found
         return rows
 
     async def _coordinate(self) -> None:
