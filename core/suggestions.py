@@ -20,7 +20,7 @@ from core.recommender import CFParams, HybridConfig, HybridRecommender
 from core.retrieval import Retriever, retrieval_query
 
 if TYPE_CHECKING:
-    from core.store import SQLiteStore
+    from core.store import Store
 
 
 class RetrieverContent:
@@ -73,7 +73,7 @@ def _hybrid_config(settings: RecommenderSettings) -> HybridConfig:
 
 
 async def build_default_recommender(
-    settings: Settings, store: SQLiteStore | None = None, retriever: Retriever | None = None
+    settings: Settings, store: Store | None = None, retriever: Retriever | None = None
 ) -> HybridRecommender:
     """Load the knowledge base (a broken article stops the start, naming the file), open
     the index (cached under ``data_dir/cache``) and, given the opened store, start the

@@ -110,10 +110,10 @@ class HookStore(FlakyStore):
         self.before_unfinished: Callable[[], Awaitable[None]] | None = None
         self.after_unfinished: Callable[[], Awaitable[None]] | None = None
 
-    async def unfinished_inbound(self, skip: Any = ()) -> list[dict]:
+    async def unfinished_inbound(self, skip: Any = (), conversations: Any = None) -> list[dict]:
         if self.before_unfinished is not None:
             await self.before_unfinished()
-        rows = await super().unfinished_inbound(skip)
+        rows = await super().unfinished_inbound(skip, conversations)
         if self.after_unfinished is not None:
             await self.after_unfinished()
         return rows
