@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.postgres_cluster import Cluster, ClusterError, start_cluster  # noqa: E402
+from tests.test_kill9 import stop  # noqa: E402
 
 RESYNC_S = 15.0
 QUESTIONS = (
@@ -241,13 +242,7 @@ async def run_once(cluster: Cluster, replicas: int, args: argparse.Namespace,
         }
     finally:
         for proc in procs:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(proc.wait(), timeout=30)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            await stop(proc)
 
 
 async def main(argv: list[str] | None = None) -> int:

@@ -218,6 +218,23 @@ def _withheld(payload: str | None) -> tuple[str, ...]:
         return ()
 
 
+def transcript_lines(rows: Sequence[dict]) -> list[TranscriptLine]:
+    """Transcript rows, newest first as both stores read them, as lines oldest first."""
+    return [
+        TranscriptLine(
+            r["id"], r["direction"], r["sender"], r["text"], r["created_at"],
+            r["sentiment"], r["p_negative"], r["platform_message_id"],
+            _withheld(r["payload"]) if r["direction"] == "out" else (),
+        )
+        for r in rows[::-1]
+    ]
+
+
+def event_row(type: EventType, **fields: Any) -> dict[str, Any]:
+    """One behavior-log row as both stores insert it (``data`` as JSON text)."""
+    return {"ts": now_iso(), "type": type, **fields, "data": json.dumps(fields.get("data") or {})}
+
+
 class StoreError(Exception):
     """The database refused an operation (locked, disk full, corrupt)."""
 
@@ -725,14 +742,7 @@ class SQLiteStore:
             "ORDER BY id DESC LIMIT ?",
             [conversation_id, limit],
         )
-        return [
-            TranscriptLine(
-                r["id"], r["direction"], r["sender"], r["text"], r["created_at"],
-                r["sentiment"], r["p_negative"], r["platform_message_id"],
-                _withheld(r["payload"]) if r["direction"] == "out" else (),
-            )
-            for r in rows[::-1]
-        ]
+        return transcript_lines(rows)
 
     # -- behavior log ----------------------------------------------------------------
 
@@ -748,11 +758,9 @@ class SQLiteStore:
         value: str | None = None,
         data: dict[str, Any] | None = None,
     ) -> None:
-        row = {
-            "ts": now_iso(), "type": type, "user_id": user_id,
-            "conversation_id": conversation_id, "message_id": message_id, "item_id": item_id,
-            "position": position, "value": value, "data": json.dumps(data or {}),
-        }
+        row = event_row(type, user_id=user_id, conversation_id=conversation_id,
+                        message_id=message_id, item_id=item_id, position=position,
+                        value=value, data=data)
         await self._run(lambda: self.db["events"].insert(row))
 
     async def log_events(self, rows: Sequence[dict[str, Any]]) -> None:

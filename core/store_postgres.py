@@ -45,9 +45,10 @@ from core.store import (
     StoreError,
     TranscriptLine,
     Unsubscribe,
-    _withheld,
     check_channel,
+    event_row,
     now_iso,
+    transcript_lines,
 )
 
 log = logging.getLogger(__name__)
@@ -910,14 +911,7 @@ class PostgresStore:
             "AND (direction = 'in' OR status = 'sent') ORDER BY id DESC LIMIT %s",
             [conversation_id, limit],
         )
-        return [
-            TranscriptLine(
-                r["id"], r["direction"], r["sender"], r["text"], r["created_at"],
-                r["sentiment"], r["p_negative"], r["platform_message_id"],
-                _withheld(r["payload"]) if r["direction"] == "out" else (),
-            )
-            for r in rows[::-1]
-        ]
+        return transcript_lines(rows)
 
     # -- behavior log ----------------------------------------------------------------
 
@@ -933,11 +927,9 @@ class PostgresStore:
         value: str | None = None,
         data: dict[str, Any] | None = None,
     ) -> None:
-        row = {
-            "ts": now_iso(), "type": type, "user_id": user_id,
-            "conversation_id": conversation_id, "message_id": message_id, "item_id": item_id,
-            "position": position, "value": value, "data": json.dumps(data or {}),
-        }
+        row = event_row(type, user_id=user_id, conversation_id=conversation_id,
+                        message_id=message_id, item_id=item_id, position=position,
+                        value=value, data=data)
         await self._tx(lambda conn: _insert(conn, "events", row))
 
     async def log_events(self, rows: Sequence[dict[str, Any]]) -> None:

@@ -102,6 +102,17 @@ async def _start(config: Path, log: Path) -> asyncio.subprocess.Process:
     )
 
 
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, as an operator stops the service; SIGKILL if it has not gone in 30 s."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
 async def _healthy(http: aiohttp.ClientSession, base: str) -> bool:
     try:
         async with http.get(f"{base}/healthz") as resp:
@@ -197,13 +208,7 @@ async def test_kill_9_mid_load_then_restart_answers_every_message_exactly_once(
         lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
         assert any("recovered" in ln["message"] for ln in lines)
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=30)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop(proc)
 
 
 async def _idle(http: aiohttp.ClientSession, base: str, db: Path) -> bool:

@@ -23,7 +23,7 @@ from psycopg.rows import dict_row
 
 from tests.conftest import DATA_DIR, wait_for
 from tests.postgres_cluster import Cluster
-from tests.test_kill9 import QUESTIONS, Tab, _healthy, _start, free_port
+from tests.test_kill9 import QUESTIONS, Tab, _healthy, _start, free_port, stop
 
 LEASE_TTL_S = 3.0
 
@@ -48,16 +48,6 @@ def _config(tmp_path: Path, name: str, url: str, port: int, mode: str) -> Path:
 def _rows(url: str) -> list[dict[str, Any]]:
     with psycopg.connect(url, row_factory=dict_row) as conn:
         return conn.execute("SELECT * FROM messages ORDER BY id").fetchall()
-
-
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout=30)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_three_replicas_one_killed_answer_every_message_once_in_order(
@@ -140,4 +130,4 @@ async def test_three_replicas_one_killed_answer_every_message_once_in_order(
         assert "recovered" in text  # the survivors swept r2's conversations up
     finally:
         for proc in procs:
-            await _stop(proc)
+            await stop(proc)
