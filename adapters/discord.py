@@ -48,6 +48,7 @@ from core.messages import Inbound, Kind, Reply, Sender, User
 from core.operators import ACTION_FAILED_TEXT, Operator, OperatorError
 from core.pipeline import Pipeline
 from core.store import StoreError
+from core.ticket_threads import Shown, TicketThreads
 from core.tickets import TicketView
 
 log = logging.getLogger(__name__)
@@ -430,40 +431,48 @@ class DiscordReplyStream(ReplyStream):
 
 
 class DiscordOperatorChannel(OperatorChannel):
-    """Escalations as threads in ``operator_channel_id``; one thread per ticket."""
+    """Escalations as threads in ``operator_channel_id``; one thread per ticket.
 
-    __slots__ = ("_adapter", "_by_thread", "_customer_texts", "_locks", "_states", "_threads")
+    Which thread holds a ticket and what it shows live in the store's shared state, so a
+    replica (shard) that posts a ticket's news uses the thread another one made."""
+
+    __slots__ = ("_adapter", "_by_thread", "_locks", "_shared_threads")
 
     def __init__(self, adapter: DiscordAdapter) -> None:
         self._adapter = adapter
-        self._threads: dict[int, int] = {}
         self._by_thread: dict[int, int] = {}
-        self._states: dict[int, tuple[str, str]] = {}
-        self._customer_texts: dict[int, str] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        self._shared_threads: TicketThreads | None = None
 
-    def has_thread(self, ticket_id: int) -> bool:
-        return ticket_id in self._threads
+    @property
+    def shared(self) -> TicketThreads:
+        if self._shared_threads is None:
+            self._shared_threads = TicketThreads(
+                self._adapter.pipeline.store,
+                f"{PLATFORM}:{self._adapter.settings.operator_channel_id}")
+        return self._shared_threads
 
-    def _remember(self, ticket_id: int, thread_id: int) -> None:
-        self._threads.setdefault(ticket_id, thread_id)
-        self._by_thread[thread_id] = ticket_id
+    async def has_thread(self, ticket_id: int) -> bool:
+        return await self.shared.thread(ticket_id) is not None
 
     def ticket_of_thread(self, thread: Any) -> int | None:
-        """The ticket a thread belongs to: remembered, or read from its name after a restart."""
+        """The ticket a thread belongs to: remembered, or read from its name (a thread
+        another replica made, or one made before a restart)."""
         known = self._by_thread.get(thread.id)
         if known is not None:
             return known
         match = _TICKET_IN_NAME.match(getattr(thread, "name", None) or "")
         if match is None:
             return None
-        self._remember(int(match[1]), thread.id)
+        self._by_thread[thread.id] = int(match[1])
         return int(match[1])
 
-    def adopt(self, threads: list[discord.Thread]) -> None:
-        """Relearn ticket threads that exist already (after a restart)."""
+    async def adopt(self, threads: list[discord.Thread]) -> None:
+        """Relearn ticket threads that exist already (made before the map was shared)."""
         for thread in threads:
-            self.ticket_of_thread(thread)
+            ticket_id = self.ticket_of_thread(thread)
+            if ticket_id is not None:
+                await self.shared.learn(ticket_id, thread.id)
 
     async def _operator_room(self) -> discord.TextChannel:
         cid = self._adapter.settings.operator_channel_id
@@ -516,20 +525,26 @@ class DiscordOperatorChannel(OperatorChannel):
         return "\n".join(lines)
 
     async def _thread_for(self, ticket: TicketView) -> tuple[int, bool]:
-        thread_id = self._threads.get(ticket.id)
+        thread_id = await self.shared.thread(ticket.id)
         if thread_id is not None:
             return thread_id, False
         room = await self._operator_room()
         for thread in room.threads:
             if self.ticket_of_thread(thread) == ticket.id:
+                await self.shared.learn(ticket.id, thread.id)
                 return thread.id, False
-        name = f"#{ticket.id} · {ticket.customer.display_name or 'customer'} · {ticket.reason}"
-        thread = await room.create_thread(
-            name=name[:100], type=discord.ChannelType.public_thread,
-            auto_archive_duration=1440,
-        )
-        self._remember(ticket.id, thread.id)
-        return thread.id, True
+
+        async def create() -> int:
+            name = (f"#{ticket.id} · {ticket.customer.display_name or 'customer'} · "
+                    f"{ticket.reason}")
+            thread = await room.create_thread(
+                name=name[:100], type=discord.ChannelType.public_thread,
+                auto_archive_duration=1440,
+            )
+            self._by_thread[thread.id] = ticket.id
+            return thread.id
+
+        return await self.shared.thread_for(ticket.id, create)
 
     def _lock(self, ticket_id: int) -> asyncio.Lock:
         return self._locks.setdefault(ticket_id, asyncio.Lock())
@@ -544,8 +559,7 @@ class DiscordOperatorChannel(OperatorChannel):
             else:
                 await self._send(thread_id, f"Ticket #{ticket.id} is still waiting for a person "
                                             f"({ticket.state}).")
-            self._states[ticket.id] = (ticket.state, str(ticket.claimed_by or ""))
-            self._customer_texts[ticket.id] = ticket.last_customer_text
+            await self.shared.show(ticket.id, self._shown(ticket))
 
     async def ticket_updated(self, ticket: TicketView) -> None:
         if self._adapter.stopped:
@@ -554,23 +568,28 @@ class DiscordOperatorChannel(OperatorChannel):
             thread_id, created = await self._thread_for(ticket)
             if created:
                 await self._send(thread_id, await self._summary(ticket))
-            state = (ticket.state, str(ticket.claimed_by or ""))
-            previous = self._states.get(ticket.id)
-            self._states[ticket.id] = state
-            # Unknown history (after a restart): only a non-open ticket can have changed.
-            changed = previous != state if previous is not None else ticket.state != "open"
+            shown = self._shown(ticket)
+            before = await self.shared.show(ticket.id, shown)
+            # Unknown history (made before the map was shared): only a non-open ticket
+            # can have changed.
+            changed = ((before.state, before.claimed_by) != (shown.state, shown.claimed_by)
+                       if before is not None else ticket.state != "open")
             if changed:
                 await self._send(thread_id, self._state_line(ticket))
                 if ticket.state in ("resolved", "handed_back"):
                     await self._archive(thread_id)
             elif not created:
-                await self._send(thread_id, self._customer_line(ticket))
-            self._customer_texts[ticket.id] = ticket.last_customer_text
+                await self._send(thread_id, self._customer_line(ticket, before))
 
-    def _customer_line(self, ticket: TicketView) -> str:
+    @staticmethod
+    def _shown(ticket: TicketView) -> Shown:
+        return Shown(ticket.state, str(ticket.claimed_by or ""), ticket.last_customer_text)
+
+    @staticmethod
+    def _customer_line(ticket: TicketView, before: Shown | None) -> str:
         """The customer wrote while escalated; TicketView carries only their last text."""
-        if ticket.last_customer_text and \
-                ticket.last_customer_text != self._customer_texts.get(ticket.id):
+        if ticket.last_customer_text and (
+                before is None or ticket.last_customer_text != before.customer_text):
             return f"**Customer:**\n{quote(ticket.last_customer_text)}"
         return "**Customer** sent a message that is not text (or repeated the last one)."
 
@@ -732,13 +751,13 @@ class DiscordAdapter(Adapter, CustomerChannel):
             return
         room = self.client.get_channel(self.settings.operator_channel_id)
         if isinstance(room, discord.TextChannel):
-            self.operator_channel.adopt(list(room.threads))
+            await self.operator_channel.adopt(list(room.threads))
         else:
             log.warning("discord: operator channel %s is not a text channel the bot can see",
                         self.settings.operator_channel_id)
         try:  # tickets opened while this adapter was down get their thread now
             for ticket in await self.pipeline.operators.open_tickets():
-                if not self.operator_channel.has_thread(ticket.id):
+                if not await self.operator_channel.has_thread(ticket.id):
                     await self.operator_channel.ticket_opened(ticket)
         except Exception:
             log.exception("discord: could not announce open tickets")
@@ -884,6 +903,8 @@ class DiscordAdapter(Adapter, CustomerChannel):
                                  label: str) -> None:
         """Acknowledge at once (Discord allows 3 s), then log the click."""
         known = self._suggestions.get(suggestion_id)
+        if known is None and (described := self.pipeline.describe(suggestion_id)):
+            known = (described.title, described.url)
         title = known[0] if known else label or suggestion_id
         url = known[1] if known else ""
         text = f"**{discord.utils.escape_markdown(title)}**" + (f"\n<{url}>" if url else "")

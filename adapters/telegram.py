@@ -84,6 +84,7 @@ from core.messages import Inbound, Kind, Reply, Sender, Suggestion, User
 from core.operators import ACTION_FAILED_TEXT, Operator, OperatorError
 from core.pipeline import Pipeline
 from core.store import StoreError
+from core.ticket_threads import Shown, TicketThreads
 from core.tickets import TicketView
 
 log = logging.getLogger(__name__)
@@ -423,72 +424,71 @@ class TelegramReplyStream(ReplyStream):
 
 
 class TelegramOperatorRoom(OperatorChannel):
-    """Tickets as forum topics in the operator group; operators act by writing there."""
+    """Tickets as forum topics in the operator group; operators act by writing there.
 
-    __slots__ = ("_adapter", "_chat_id", "_create_lock", "_locks", "_names", "_relayed",
-                 "_seen", "_states", "_threads", "_topics")
+    Which topic holds a ticket, what it shows, and which operator messages were acted on
+    live in the store's shared state, so replicas behind one webhook agree on them."""
+
+    __slots__ = ("_adapter", "_chat_id", "_locks", "_shared_threads", "_threads")
 
     def __init__(self, adapter: TelegramAdapter, chat_id: int) -> None:
         self._adapter = adapter
         self._chat_id = chat_id
-        self._topics: dict[int, int] = {}
         self._threads: dict[int, int] = {}
-        self._states: dict[int, str] = {}
-        self._relayed: dict[int, str] = {}
-        self._names: dict[str, str] = {}
         self._locks: dict[int, asyncio.Lock] = {}
-        self._create_lock = asyncio.Lock()
-        self._seen: OrderedDict[int, None] = OrderedDict()
+        self._shared_threads: TicketThreads | None = None
 
     @property
     def chat_id(self) -> int:
         return self._chat_id
 
+    @property
+    def shared(self) -> TicketThreads:
+        if self._shared_threads is None:
+            self._shared_threads = TicketThreads(
+                self._adapter.pipeline.store, f"{PLATFORM}:{self._chat_id}")
+        return self._shared_threads
+
     def topic_of(self, ticket_id: int) -> int | None:
-        return self._topics.get(ticket_id)
+        """The topic this replica knows for a ticket."""
+        return next((t for t, known in self._threads.items() if known == ticket_id), None)
 
     # -- news from the desk ----------------------------------------------------------------
 
     async def ticket_opened(self, ticket: TicketView) -> None:
-        async with self._create_lock:
-            thread = self._topics.get(ticket.id)
-            known = thread is not None
-            if thread is None:
-                thread = await self._create_topic(ticket)
-        self._states[ticket.id] = ticket.state
-        self._relayed[ticket.id] = ticket.last_customer_text
-        await self._post(thread, await self._summary(ticket, reannounced=known))
+        thread, created = await self.shared.thread_for(
+            ticket.id, lambda: self._create_topic(ticket))
+        await self.shared.show(ticket.id, self._shown(ticket))
+        await self._post(thread, await self._summary(ticket, reannounced=not created))
 
     async def ticket_updated(self, ticket: TicketView) -> None:
-        if ticket.id not in self._topics:
+        thread = await self.shared.thread(ticket.id)
+        if thread is None:
             await self.ticket_opened(ticket)
             return
-        previous = self._states.get(ticket.id)
-        self._states[ticket.id] = ticket.state
-        if previous != ticket.state:
-            text = self._state_line(ticket)
-        elif ticket.last_customer_text and ticket.last_customer_text != self._relayed.get(
-                ticket.id):
+        before = await self.shared.show(ticket.id, self._shown(ticket))
+        if before is None or before.state != ticket.state:
+            text = await self._state_line(ticket)
+        elif ticket.last_customer_text and ticket.last_customer_text != before.customer_text:
             # Unchanged state: the customer wrote. (The same text again is news only of
             # an attachment or a repeated claim; the text itself was already posted.)
             who = escape(ticket.customer.display_name or "Customer")
             text = f"<b>{who}:</b> {escape(ticket.last_customer_text)}"
         else:
             return
-        self._relayed[ticket.id] = ticket.last_customer_text
-        await self._post(self._topics[ticket.id], text)
+        await self._post(thread, text)
+
+    @staticmethod
+    def _shown(ticket: TicketView) -> Shown:
+        return Shown(ticket.state, ticket.claimed_by or "", ticket.last_customer_text)
 
     async def _create_topic(self, ticket: TicketView) -> int:
         customer = ticket.customer.display_name or ticket.customer.platform_user_id
         name = f"#{ticket.id} {customer} · {ticket.platform}"[:128]
         topic = await self._adapter.call(lambda: self._adapter.bot.create_forum_topic(
             self._chat_id, name))
-        self._link(ticket.id, topic.message_thread_id)
+        self._threads[topic.message_thread_id] = ticket.id
         return topic.message_thread_id
-
-    def _link(self, ticket_id: int, thread_id: int) -> None:
-        self._topics[ticket_id] = thread_id
-        self._threads[thread_id] = ticket_id
 
     async def _summary(self, ticket: TicketView, *, reannounced: bool) -> str:
         customer = escape(ticket.customer.display_name or ticket.customer.platform_user_id)
@@ -530,8 +530,9 @@ class TelegramOperatorRoom(OperatorChannel):
             lines.append(f"<b>Customer:</b> {escape(ticket.last_customer_text)}")
         return lines
 
-    def _state_line(self, ticket: TicketView) -> str:
-        by = escape(self._names.get(ticket.claimed_by or "", ticket.claimed_by or "someone"))
+    async def _state_line(self, ticket: TicketView) -> str:
+        name = await self.shared.name(ticket.claimed_by) if ticket.claimed_by else None
+        by = escape(name or ticket.claimed_by or "someone")
         if ticket.state == "claimed":
             return f"🙋 Claimed by {by}."
         if ticket.state == "resolved":
@@ -564,7 +565,8 @@ class TelegramOperatorRoom(OperatorChannel):
     # -- operators writing in the group ---------------------------------------------------
 
     def ticket_for(self, message: Message) -> int | None:
-        """The ticket a topic message belongs to; after a restart, read from the topic name."""
+        """The ticket a topic message belongs to: known, or read from the topic's name (a
+        topic another replica made, or one made before a restart)."""
         if not message.is_topic_message or message.message_thread_id is None:
             return None
         thread = message.message_thread_id
@@ -572,7 +574,7 @@ class TelegramOperatorRoom(OperatorChannel):
             return self._threads[thread]
         created = message.reply_to_message and message.reply_to_message.forum_topic_created
         if created and (match := _TICKET_IN_TOPIC.match(created.name)):
-            self._link(int(match.group(1)), thread)
+            self._threads[thread] = int(match.group(1))
             return int(match.group(1))
         return None
 
@@ -580,19 +582,18 @@ class TelegramOperatorRoom(OperatorChannel):
         allowed = self._adapter.settings.operator_user_ids
         return not allowed or user_id in allowed
 
-    def first_sight(self, message: Message) -> bool:
-        """False for an operator message seen before (a redelivered update)."""
-        if message.message_id in self._seen:
-            return False
-        self._seen[message.message_id] = None
-        if len(self._seen) > 10_000:
-            self._seen.popitem(last=False)
-        return True
-
     async def on_message(self, message: Message) -> None:
-        """Check who wrote what where, then act in the background, in order per ticket."""
+        """Check who wrote what where, then act in the background, in order per ticket
+        (a message any replica saw before, a redelivered update, is not acted on again)."""
         user = message.from_user
-        if user is None or user.is_bot or not self.first_sight(message):
+        if user is None or user.is_bot:
+            return
+        try:
+            if not await self.shared.first_sight(str(message.message_id)):
+                return
+        except StoreError:
+            log.exception("operator message %s not checked", message.message_id)
+            self._adapter.spawn(self._reply(message.message_thread_id, f"⚠️ {ACTION_FAILED_TEXT}"))
             return
         command = parse_command(message, self._adapter.bot_username)
         name, args = command if command else ("", "")
@@ -609,7 +610,6 @@ class TelegramOperatorRoom(OperatorChannel):
             self._adapter.spawn(self._reply(thread, "Sorry, only operators can act on tickets."))
             return
         operator = Operator(PLATFORM, str(user.id), user.full_name)
-        self._names[operator.label] = operator.name
         lock = self._locks.setdefault(ticket_id, asyncio.Lock())
         self._adapter.spawn(self._in_turn(lock, ticket_id, operator, name, args, message))
 
@@ -617,6 +617,10 @@ class TelegramOperatorRoom(OperatorChannel):
                        command: str, args: str, message: Message) -> None:
         async with lock:
             try:
+                await self.shared.remember_name(operator.label, operator.name)
+                thread = message.message_thread_id
+                if thread is not None and self.shared.cached(ticket_id) is None:
+                    await self.shared.learn(ticket_id, thread)
                 await self._act(ticket_id, operator, command, args, message)
             except OperatorError as exc:
                 await self._reply(message.message_thread_id, f"⚠️ {exc}")
@@ -1063,7 +1067,7 @@ class TelegramAdapter(Adapter, CustomerChannel):
         chat = shown.chat.id if shown is not None else query.from_user.id
         topic = getattr(shown, "is_topic_message", False)
         target = Target(chat, getattr(shown, "message_thread_id", None) if topic else None)
-        known = self._suggestions.get(item_id)
+        known = self._suggestions.get(item_id) or self.pipeline.describe(item_id)
         inbound = Inbound(
             platform=PLATFORM, conversation_key=target.conversation_key,
             user=User(PLATFORM, str(query.from_user.id), query.from_user.full_name),

@@ -245,6 +245,11 @@ class Pipeline:
         return not (names and len(unknown) >= NAMES_UNKNOWN_SHARE * len(names)
                     and extract.relevance < a.names_relevance)
 
+    def describe(self, item_id: str) -> Suggestion | None:
+        """A suggested article by id, for a button pressed on a reply another replica
+        (or this one before a restart) sent."""
+        return self._recommender.describe(item_id)
+
     @property
     def grounder(self) -> Grounder | None:
         """The knowledge-base grounding answers stand on (offline evaluations re-check)."""

@@ -145,6 +145,18 @@ MIGRATIONS: Sequence[str] = (
         expires_at REAL NOT NULL
     );
     """,
+    # v6: what replicas must agree on beyond messages and tickets, as small values under
+    # (scope, key): which platform thread holds a ticket, what was posted there last,
+    # an operator message already acted on (updated_at in epoch seconds).
+    """
+    CREATE TABLE shared_state (
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (scope, key)
+    );
+    """,
 )
 
 RelayCallback = Callable[[str], Awaitable[None] | None]
@@ -265,6 +277,9 @@ class Store(Protocol):
     async def release_conversation(self, conversation_id: int, owner: str) -> None: ...
     async def orphaned_conversations(self, owner: str, limit: int = 100) -> list[int]: ...
     async def publish(self, channel: str, payload: str) -> None: ...
+    async def shared(self, scope: str, key: str) -> str | None: ...
+    async def share_if(self, scope: str, key: str, value: str, expected: str | None) -> str: ...
+    async def forget_shared(self, scope: str, older_than_s: float) -> int: ...
     async def subscribe(self, channel: str, callback: RelayCallback) -> Unsubscribe: ...
     async def last_customer_text(self, conversation_id: int) -> str | None: ...
     async def inbound_status(self, message_id: int) -> str | None: ...
@@ -623,6 +638,43 @@ class SQLiteStore:
         """Never calls back (see :meth:`publish`); the unsubscribe does nothing."""
         check_channel(channel)
         return _unsubscribed
+
+    # -- state replicas share ----------------------------------------------------------
+
+    async def shared(self, scope: str, key: str) -> str | None:
+        """The value under ``(scope, key)``, or ``None``."""
+        rows = await self._run(lambda: self.db.execute(
+            "SELECT value FROM shared_state WHERE scope = ? AND key = ?", [scope, key],
+        ).fetchall())
+        return rows[0][0] if rows else None
+
+    async def share_if(self, scope: str, key: str, value: str, expected: str | None) -> str:
+        """Store ``value`` if the one there now is ``expected`` (``None``: there is none);
+        returns the value there afterwards, ``value`` exactly when this call won."""
+
+        def op(db: sqlite_utils.Database) -> str:
+            if expected is None:
+                db.execute(
+                    "INSERT INTO shared_state (scope, key, value, updated_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    [scope, key, value, time.time()])
+            else:
+                db.execute(
+                    "UPDATE shared_state SET value = ?, updated_at = ? "
+                    "WHERE scope = ? AND key = ? AND value = ?",
+                    [value, time.time(), scope, key, expected])
+            row = db.execute("SELECT value FROM shared_state WHERE scope = ? AND key = ?",
+                             [scope, key]).fetchone()
+            return str(row[0]) if row else ""
+
+        return await self._run(self._tx, op)
+
+    async def forget_shared(self, scope: str, older_than_s: float) -> int:
+        """Delete the values of ``scope`` untouched for ``older_than_s``; how many went."""
+        cursor = await self._run(lambda: self.db.execute(
+            "DELETE FROM shared_state WHERE scope = ? AND updated_at < ?",
+            [scope, time.time() - older_than_s]))
+        return int(cursor.rowcount)
 
     # -- outbound --------------------------------------------------------------------
 

@@ -205,6 +205,16 @@ PG_MIGRATIONS: Sequence[str] = (
         created_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # v6: state replicas share (see core.store.MIGRATIONS).
+    """
+    CREATE TABLE shared_state (
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (scope, key)
+    );
+    """,
 )
 
 PG_MARK_REPLIED_ANSWERED = (
@@ -757,6 +767,47 @@ class PostgresStore:
             [_text(owner), limit],
         )
         return [int(r["conversation_id"]) for r in rows]
+
+    # -- state replicas share ----------------------------------------------------------
+
+    async def shared(self, scope: str, key: str) -> str | None:
+        """See :meth:`core.store.SQLiteStore.shared`."""
+        row = await self._read(lambda conn: _one(
+            conn, "SELECT value FROM shared_state WHERE scope = %s AND key = %s",
+            [_text(scope), _text(key)]))
+        return None if row is None else str(row["value"])
+
+    async def share_if(self, scope: str, key: str, value: str, expected: str | None) -> str:
+        """See :meth:`core.store.SQLiteStore.share_if`. Of two writers at once the second
+        waits for the first's row, then finds its expectation met or not."""
+        args = {"scope": _text(scope), "key": _text(key), "value": _text(value),
+                "expected": None if expected is None else _text(expected)}
+
+        async def op(conn: Conn) -> str:
+            if expected is None:
+                await conn.execute(
+                    "INSERT INTO shared_state (scope, key, value, updated_at) VALUES "
+                    f"(%(scope)s, %(key)s, %(value)s, {PG_NOW}) ON CONFLICT DO NOTHING", args)
+            else:
+                await conn.execute(
+                    f"UPDATE shared_state SET value = %(value)s, updated_at = {PG_NOW} "
+                    "WHERE scope = %(scope)s AND key = %(key)s AND value = %(expected)s", args)
+            row = await _one(conn, "SELECT value FROM shared_state "
+                                   "WHERE scope = %(scope)s AND key = %(key)s", args)
+            return "" if row is None else str(row["value"])
+
+        return await self._tx(op)
+
+    async def forget_shared(self, scope: str, older_than_s: float) -> int:
+        """See :meth:`core.store.SQLiteStore.forget_shared`."""
+
+        async def op(conn: Conn) -> int:
+            cur = await conn.execute(
+                f"DELETE FROM shared_state WHERE scope = %s AND updated_at < {PG_NOW} - %s",
+                [_text(scope), float(older_than_s)])
+            return int(cur.rowcount)
+
+        return await self._tx(op)
 
     # -- relay between replicas ------------------------------------------------------------
 

@@ -676,6 +676,35 @@ async def test_two_replicas_claim_a_ticket_once(backend: Backend) -> None:
     assert {c["state"] for c in await rows(a, "conversations")} == {"operator"}
 
 
+async def test_shared_state_is_set_only_over_what_the_writer_expected(
+    backend: Backend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    assert await a.shared("topic", "t1") is None
+    assert await a.share_if("topic", "t1", "pending:a", None) == "pending:a"
+    assert await b.share_if("topic", "t1", "pending:b", None) == "pending:a"  # a was first
+    assert await b.share_if("topic", "t1", "77", "pending:b") == "pending:a"  # not b's
+    assert await a.share_if("topic", "t1", "77", "pending:a") == "77"
+    assert await b.shared("topic", "t1") == "77"
+    assert await b.shared("other", "t1") is None  # scopes are apart
+    assert await a.forget_shared("topic", 3600) == 0  # fresh values stay
+    assert await a.forget_shared("topic", -1) == 1
+    assert await b.shared("topic", "t1") is None
+
+
+async def test_two_replicas_racing_for_one_shared_key_agree_on_one_winner(
+    backend: Backend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    for i in range(20):
+        got = await asyncio.gather(a.share_if("seen", f"m{i}", "a", None),
+                                   b.share_if("seen", f"m{i}", "b", None))
+        assert got[0] == got[1] in ("a", "b"), (i, got)
+        swapped = await asyncio.gather(a.share_if("seen", f"m{i}", "a2", got[0]),
+                                       b.share_if("seen", f"m{i}", "b2", got[0]))
+        assert swapped[0] == swapped[1] in ("a2", "b2"), (i, swapped)
+
+
 async def test_two_replicas_open_one_ticket_per_conversation(backend: Backend) -> None:
     a, b = await backend.open(), await backend.open()
     for i in range(10):

@@ -30,6 +30,7 @@ from psycopg.rows import dict_row
 from bots.service import Service
 from tests.conftest import make_settings, wait_for
 from tests.fakes.telegram_api import FakeTelegram, TgUser
+from tests.fakes.telegram_driver import OPERATOR_GROUP, texts
 from tests.postgres_cluster import Cluster
 
 # PTB 22's own RetryAfter.__init__ reads its deprecated int ``retry_after``.
@@ -115,6 +116,7 @@ async def deployment(pg_cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
     """Two replicas as an operator deploys them: one database, one bot, one public URL."""
     url = pg_cluster.create_database()
     fake = await FakeTelegram().start()
+    fake.group(OPERATOR_GROUP, "Support operators", forum=True)
     replicas: list[Replica] = []
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SUPPORTBOT_TELEGRAM_TOKEN", fake.token)
@@ -127,12 +129,11 @@ async def deployment(pg_cluster: Cluster, tmp_path_factory: pytest.TempPathFacto
                     service={"replica_id": name, "sweep_interval_s": SWEEP_S},
                     store={"url": url},
                     answers={"mode": "extract"},
-                    recommender={"enabled": False},
                     telegram={
                         "enabled": True, "base_url": fake.base_url,
                         "base_file_url": fake.base_file_url, "mode": "webhook",
                         "webhook_url": PUBLIC_URL, "webhook_port": port,
-                        "edit_interval_s": 0.05, "operator_chat_id": 0,
+                        "edit_interval_s": 0.05, "operator_chat_id": OPERATOR_GROUP,
                     },
                 )
                 service = Service(settings)
@@ -267,3 +268,76 @@ async def test_one_chats_messages_on_both_replicas_are_answered_in_order(
         seen = _check_once_in_order(d, person.id, updates[person.id], rows[person.id])
         assert [TOPICS[q] in shown for q, shown in zip(asked[person.id], seen, strict=True)
                 ] == [True] * len(QUESTIONS), seen
+
+
+def _posts(d: Deployment, thread: int) -> list[str]:
+    return texts(d.fake, OPERATOR_GROUP, thread)
+
+
+async def test_the_operator_group_is_one_room_whichever_replica_posts(
+        deployment: Deployment) -> None:
+    """A ticket gets one topic, whichever replica has news of it; an operator's message
+    delivered to both replicas reaches the customer once; each change is posted once."""
+    d = deployment
+    eve, dana = d.fake.user(5001, "Eve"), d.fake.user(5002, "Dana")
+    await d.telegram.deliver(d.telegram.message(eve, "I want to talk to a person please"), [d.a])
+    await d.fake.wait_for(lambda: d.fake.topics(OPERATOR_GROUP), 20)
+    ((thread, name),) = d.fake.topics(OPERATOR_GROUP).items()
+    assert name.startswith("#") and "Eve" in name
+    await d.fake.wait_for(lambda: _posts(d, thread), 10)
+    assert _posts(d, thread)[0].startswith("Ticket #")
+
+    # Eve writes again through the other replica: her words go to the same topic.
+    await d.telegram.deliver(d.telegram.message(eve, "My parcel never arrived"), [d.b])
+    await d.fake.wait_for(lambda: "Eve: My parcel never arrived" in _posts(d, thread), 20)
+
+    # Dana answers in the topic; Telegram's retry lands on the other replica as well.
+    said = d.fake.send_text(OPERATOR_GROUP, dana, "Hi Eve, I'm Dana. A new parcel is on "
+                            "its way.", thread_id=thread, queue=False)
+    assert await asyncio.gather(d.telegram.post(d.b, said), d.telegram.post(d.a, said)) == [
+        200, 200]
+    await d.fake.wait_for(lambda: any("A new parcel is on its way." in t
+                                      for t in texts(d.fake, eve.id)), 20)
+    await d.fake.wait_for(lambda: "🙋 Claimed by Dana." in _posts(d, thread), 10)
+
+    # She resolves it through one replica; the redelivery goes to the other.
+    resolve = d.fake.send_text(OPERATOR_GROUP, dana, "/resolve sent a new parcel",
+                               thread_id=thread, queue=False)
+    assert await d.telegram.post(d.a, resolve) == 200
+    await d.fake.wait_for(lambda: any(t.startswith("✅ Resolved by Dana.")
+                                      for t in _posts(d, thread)), 20)
+    assert await d.telegram.post(d.b, resolve) == 200
+    await asyncio.sleep(1.0)  # time for a second relay or announcement, were one coming
+
+    assert list(d.fake.topics(OPERATOR_GROUP)) == [thread], "a second topic for one ticket"
+    assert len([c for c in d.fake.calls_to("createForumTopic") if c.ok]) == 1
+    posts = _posts(d, thread)
+    assert posts.count("Eve: My parcel never arrived") == 1
+    assert posts.count("🙋 Claimed by Dana.") == 1
+    assert len([t for t in posts if t.startswith("✅ Resolved by Dana.")]) == 1
+    eve_sees = texts(d.fake, eve.id)
+    assert len([t for t in eve_sees if "A new parcel is on its way." in t]) == 1, eve_sees
+    assert len([t for t in eve_sees if "has joined the chat" in t]) == 1, eve_sees
+
+
+async def test_a_suggestion_pressed_on_the_other_replica_shows_its_article(
+        deployment: Deployment) -> None:
+    """The button under one replica's answer, pressed with the balancer sending the press
+    to the other replica: the article's title and link still follow."""
+    d = deployment
+    finn = d.fake.user(6001, "Finn")
+    await d.telegram.deliver(d.telegram.message(finn, QUESTIONS[0]), [d.a])
+    await _answered(d, finn.id, 1)
+
+    def with_buttons() -> Any:
+        return next((m for m in d.fake.bot_messages(finn.id) if m.buttons), None)
+
+    shown = await d.fake.wait_for(with_buttons, 10)
+    label, data = shown.buttons[0]
+    press = d.fake.press_button(finn.id, finn, shown.message_id, data, queue=False)
+    assert await d.telegram.post(d.b, press) == 200
+    await d.fake.wait_for(lambda: any(t.startswith("📖 ") for t in texts(d.fake, finn.id)), 10)
+    link = next(m for m in d.fake.bot_messages(finn.id) if m.text.startswith("📖 "))
+    assert link.text == f"📖 {label.strip()}"
+    assert any(e.get("type") == "text_link" and e["url"].startswith("http")
+               for e in link.entities), link

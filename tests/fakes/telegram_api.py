@@ -515,8 +515,10 @@ class FakeTelegram:
     # --- the test's side: updates --------------------------------------------------------
 
     def send_text(self, chat_id: int, sender: TgUser, text: str, *,
-                  thread_id: int | None = None, reply_to: int | None = None) -> dict[str, Any]:
-        """The user writes ``text``; bot commands and @mentions get their entities."""
+                  thread_id: int | None = None, reply_to: int | None = None,
+                  queue: bool = True) -> dict[str, Any]:
+        """The user writes ``text``; bot commands and @mentions get their entities.
+        ``queue=False``: the update is only returned, for a test that POSTs it itself."""
         entities = []
         command = _COMMAND_RE.match(text)
         if command:
@@ -528,17 +530,18 @@ class FakeTelegram:
         extra: dict[str, Any] = {"text": text}
         if entities:
             extra["entities"] = entities
-        return self.send_message(chat_id, sender, extra, thread_id=thread_id, reply_to=reply_to)
+        return self.send_message(chat_id, sender, extra, thread_id=thread_id, reply_to=reply_to,
+                                 queue=queue)
 
     def send_message(self, chat_id: int, sender: TgUser, content: dict[str, Any], *,
-                     thread_id: int | None = None, reply_to: int | None = None
-                     ) -> dict[str, Any]:
+                     thread_id: int | None = None, reply_to: int | None = None,
+                     queue: bool = True) -> dict[str, Any]:
         """Any user message; ``content`` holds its fields (``sticker``, ``photo``, ``caption``)."""
         chat = self._state.chats[chat_id]
         message = self._new_message(chat, sender, content, thread_id=thread_id)
         if reply_to is not None:
             message["reply_to_message"] = self._state.messages[(chat_id, reply_to)]
-        return self.push_update({"message": message})
+        return self.push_update({"message": message}, queue=queue)
 
     def send_sticker(self, chat_id: int, sender: TgUser, emoji: str = "👍") -> dict[str, Any]:
         sticker = {"file_id": f"CAACAgI{next(self._callback_ids)}", "file_unique_id": "AgADsticker",
@@ -566,8 +569,8 @@ class FakeTelegram:
                     "mime_type": "application/pdf", "file_size": 12000}
         return self.send_message(chat_id, sender, {"document": document})
 
-    def press_button(self, chat_id: int, sender: TgUser, message_id: int, data: str
-                     ) -> dict[str, Any]:
+    def press_button(self, chat_id: int, sender: TgUser, message_id: int, data: str,
+                     *, queue: bool = True) -> dict[str, Any]:
         """The user presses an inline button carrying ``data`` under a bot message."""
         message = self._state.messages[(chat_id, message_id)]
         buttons = [b.get("callback_data") for row in
@@ -579,7 +582,7 @@ class FakeTelegram:
         return self.push_update({"callback_query": {
             "id": query_id, "from": sender.to_json(), "message": message,
             "chat_instance": f"-{abs(chat_id) * 7919}", "data": data,
-        }})
+        }}, queue=queue)
 
     def react(self, chat_id: int, sender: TgUser, message_id: int, emoji: str,
               old: Iterable[str] = ()) -> dict[str, Any] | None:
@@ -594,13 +597,15 @@ class FakeTelegram:
             "new_reaction": new,
         }})
 
-    def push_update(self, body: dict[str, Any]) -> dict[str, Any]:
+    def push_update(self, body: dict[str, Any], *, queue: bool = True) -> dict[str, Any]:
         """Queue a raw update (one field besides ``update_id``); returns it with its id."""
         (kind,) = body.keys()
         if kind not in UPDATE_TYPES:
             raise ValueError(f"not an update type: {kind}")
         update = {"update_id": next(self._update_ids), **body}
         self._state.history[update["update_id"]] = update
+        if not queue:
+            return update
         if kind not in self._state.allowed_updates:
             self._state.dropped.append(update)
             return update
