@@ -169,6 +169,7 @@ class PostedReport:
 
 class _WebOperators(OperatorChannel):
     __slots__ = ("_sockets", "latest_report")
+    per_replica = True  # the consoles connected to this replica
 
     def __init__(self) -> None:
         self._sockets: set[web.WebSocketResponse] = set()

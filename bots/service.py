@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import time
+import uuid
 from pathlib import Path
 
 from psycopg.conninfo import make_conninfo
@@ -29,6 +30,9 @@ from core.store import SQLiteStore
 from core.store_postgres import PostgresStore, describe_url
 
 log = logging.getLogger(__name__)
+
+REPORTS_POSTED = "reports:posted"
+"""Shared-state scope: which report period a replica has claimed."""
 
 
 def build_store(settings: Settings) -> SQLiteStore | PostgresStore:
@@ -228,7 +232,7 @@ class Service:
         for adapter in self.adapters:
             await adapter.start(self.pipeline)
         await self.pipeline.recover()
-        self.pipeline.operators.start()
+        await self.pipeline.operators.start()
         if self.settings.report.enabled and self._analytics is not None:
             self._reporter = asyncio.create_task(self._report_loop(), name="sentiment-report")
         self._set_ready(True)
@@ -271,6 +275,15 @@ class Service:
             log.error("could not write the sentiment report into %s: %s", settings.out_dir, exc)
         return built
 
+    async def _report_is_mine(self, every_s: float) -> bool:
+        """Every replica keeps the schedule; the first to claim a period posts its report,
+        so the operator rooms get one, not one per replica."""
+        period, mine = str(int(time.time() // every_s)), uuid.uuid4().hex
+        if await self.store.share_if(REPORTS_POSTED, period, mine, None) == mine:
+            return True
+        log.info("the sentiment report of this period is posted by another replica")
+        return False
+
     async def _report_loop(self) -> None:
         every = self.settings.report.every_s
         delay = await asyncio.to_thread(next_report_delay, self.settings.report.out_dir, every)
@@ -279,7 +292,8 @@ class Service:
             await asyncio.sleep(delay)
             delay = every
             try:
-                await self.post_report()
+                if await self._report_is_mine(every):
+                    await self.post_report()
             except Exception:
                 log.exception("the sentiment report failed; next try in %.0f s",
                               self.settings.report.every_s)

@@ -9,6 +9,7 @@ adapter module implements them for its platform. They stand on plain types only
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 from core.messages import Reply
 from core.tickets import TicketView
@@ -60,6 +61,12 @@ class OperatorChannel(ABC):
     """Somewhere operators are told about escalations and act on them."""
 
     __slots__ = ()
+
+    per_replica: ClassVar[bool] = False
+    """True for a channel whose audience is connected to this replica alone (the web
+    console's sockets): the desk passes it the news other replicas publish too. A platform
+    room (a Telegram group, a Discord channel) is one for all replicas and gets each piece
+    of news once, from the replica it happened on."""
 
     @abstractmethod
     async def ticket_opened(self, ticket: TicketView) -> None:

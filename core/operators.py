@@ -8,8 +8,11 @@ is happening, and fans news out to every attached :class:`OperatorChannel`.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -17,7 +20,7 @@ from typing import Protocol
 from core.channels import OperatorChannel
 from core.config import EscalationSettings
 from core.messages import Reply, Sender, User
-from core.store import Store, now_iso
+from core.store import Store, StoreError, Unsubscribe, now_iso
 from core.tickets import Operator, TicketView
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,12 @@ ACTION_FAILED_TEXT = ("That did not go through completely because of an internal
                       "Check the ticket before repeating it.")
 """Told to an operator when an action failed part-way (the customer may already have the
 answer), so it is checked rather than blindly sent again."""
+
+REANNOUNCED = "tickets:reannounced"
+"""Shared-state scope: which ticket's overdue round was re-announced (by one replica)."""
+NEWS_CHANNEL = "operator-news"
+"""The relay channel on which each replica's desk tells the others what it fanned out, for
+their per-replica channels (see :attr:`OperatorChannel.per_replica`)."""
 
 
 class OperatorError(Exception):
@@ -77,7 +86,7 @@ class Conversations(Protocol):
 
 
 class OperatorDesk:
-    __slots__ = ("_channels", "_pipeline", "_settings", "_store", "_watcher")
+    __slots__ = ("_channels", "_pipeline", "_settings", "_store", "_unsubscribe", "_watcher")
 
     def __init__(
         self, pipeline: Conversations, store: Store, settings: EscalationSettings
@@ -87,6 +96,7 @@ class OperatorDesk:
         self._settings = settings
         self._channels: list[OperatorChannel] = []
         self._watcher: asyncio.Task[None] | None = None
+        self._unsubscribe: Unsubscribe | None = None
 
     def attach(self, channel: OperatorChannel) -> None:
         self._channels.append(channel)
@@ -133,17 +143,53 @@ class OperatorDesk:
             await self._fan_out("ticket_updated", await self._view(row))
 
     async def _fan_out(self, method: str, view: TicketView) -> None:
-        for channel in self._channels:
+        await self._tell(self._channels, method, view)
+        await self._publish({"news": method, "ticket": view.id})
+
+    async def _tell(self, channels: list[OperatorChannel], method: str, view: TicketView) -> None:
+        for channel in channels:
             try:
                 await getattr(channel, method)(view)
             except Exception:
                 log.exception("operator channel %s failed on %s", type(channel).__name__, method)
 
+    async def _publish(self, news: dict[str, object]) -> None:
+        """Best effort: a console on another replica that misses it shows the news at its
+        next refresh (the tickets themselves are in the database)."""
+        try:
+            await self._store.publish(NEWS_CHANNEL, json.dumps(news))
+        except StoreError:
+            log.exception("operator news not relayed to the other replicas")
+
+    async def _on_news(self, payload: str) -> None:
+        """News another replica fanned out, for this replica's per-replica channels."""
+        local = [c for c in self._channels if c.per_replica]
+        if not local:
+            return
+        try:
+            news = json.loads(payload)
+            if news["news"] == "report":
+                await self._post_report(local, news["summary"],
+                                        base64.b64decode(news["chart_png"]))
+            elif news["news"] in ("ticket_opened", "ticket_updated"):
+                await self._tell(local, news["news"], await self.get(int(news["ticket"])))
+        except Exception:
+            log.exception("operator news from another replica not shown: %.200s", payload)
+
     async def post_report(self, summary: str, chart_png: bytes) -> int:
         """The periodic report into every attached channel; one that fails is logged and
-        the others still get it. Returns how many channels took it."""
+        the others still get it. Returns how many channels took it (consoles on other
+        replicas are sent it as well)."""
+        posted = await self._post_report(self._channels, summary, chart_png)
+        await self._publish({"news": "report", "summary": summary,
+                             "chart_png": base64.b64encode(chart_png).decode()})
+        return posted
+
+    @staticmethod
+    async def _post_report(channels: list[OperatorChannel], summary: str,
+                           chart_png: bytes) -> int:
         posted = 0
-        for channel in list(self._channels):
+        for channel in list(channels):
             try:
                 await channel.post_report(summary, chart_png)
             except Exception:
@@ -338,12 +384,18 @@ class OperatorDesk:
 
     # -- unclaimed tickets -----------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Watch for unclaimed tickets, and listen to the other replicas' news."""
         self._watcher = asyncio.create_task(self._watch_unclaimed(), name="claim-timeout")
+        self._unsubscribe = await self._store.subscribe(NEWS_CHANNEL, self._on_news)
 
     async def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._unsubscribe is not None:
+            unsubscribe, self._unsubscribe = self._unsubscribe, None
+            with contextlib.suppress(StoreError):
+                await unsubscribe()
 
     async def _watch_unclaimed(self) -> None:
         timeout = self._settings.claim_timeout_s
@@ -361,6 +413,10 @@ class OperatorDesk:
         for row in await self._store.tickets(("open",)):
             if (now - datetime.fromisoformat(row["announced_at"])).total_seconds() < timeout_s:
                 continue
+            # Every replica watches; the one that records this round first re-announces.
+            key, mine = f"{row['id']}:{row['announced_at']}", uuid.uuid4().hex
+            if await self._store.share_if(REANNOUNCED, key, mine, None) != mine:
+                continue
             count += 1
             await self._store.update_ticket(row["id"], announced_at=now_iso())
             await self._pipeline.send_to_customer(
@@ -372,4 +428,6 @@ class OperatorDesk:
                 ),
             )
             await self.announce(row["id"])
+        if count:
+            await self._store.forget_shared(REANNOUNCED, 7 * 86_400.0)
         return count

@@ -165,7 +165,7 @@ class Desk:
         await self.classifier.start()
         self.pipeline = Pipeline(self.settings, self.store, self.classifier, self.generator)
         await self.web.start(self.pipeline)
-        self.pipeline.operators.start()
+        await self.pipeline.operators.start()
         self.web.ready = True
         return self
 

@@ -8,6 +8,7 @@ the module; each test gets its own database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -259,3 +260,75 @@ async def test_without_relay_nothing_is_published(pg_cluster: Cluster, tmp_path:
     finally:
         await b.stop()
         await a.stop()
+
+
+async def _console(http: aiohttp.ClientSession, base: str) -> aiohttp.ClientWebSocketResponse:
+    ws = await http.ws_connect(f"{base}/api/operator/ws")
+    await ws.send_json({"token": OPERATOR_TOKEN})
+    assert (await ws.receive_json(timeout=10))["type"] == "ready"
+    return ws
+
+
+async def _next_news(ws: aiohttp.ClientWebSocketResponse, kind: str, ticket_id: int | None,
+                     timeout: float = 15.0) -> dict[str, Any]:
+    """The next push of ``kind`` (about ``ticket_id``), skipping others."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        left = deadline - asyncio.get_running_loop().time()
+        frame = await ws.receive_json(timeout=max(left, 0.01))
+        if frame["type"] == kind and (ticket_id is None or frame["ticket"]["id"] == ticket_id):
+            return frame
+
+
+async def test_two_replicas_one_operator_queue_and_one_claim_winner(
+    pg_cluster: Cluster, tmp_path: Path,
+) -> None:
+    """Two whole services on one database, an operator console on each: a ticket opened
+    on one replica is pushed to the console on the other at once, both list it, and two
+    operators claiming it at the same moment through different replicas: one wins, the
+    other is told it is taken, and the customer hears of one person joining."""
+    url = pg_cluster.create_database()
+    services = []
+    try:
+        for name in ("web-a", "web-b"):
+            service = Service(make_settings(
+                tmp_path / name, service={"replica_id": name, "sweep_interval_s": 0.2},
+                store={"url": url}, answers={"mode": "extract"}, recommender={"enabled": False},
+                web={"enabled": True, "port": free_port()}))
+            services.append(service)
+            await service.start()
+        a, b = (f"http://127.0.0.1:{s.adapters[0].port}" for s in services)
+        async with aiohttp.ClientSession() as http:
+            console_b = await _console(http, b)
+            customer = await Customer.connect(http, a, "queue-session")
+            await customer.say("I want to talk to a person please")
+            opened = await _next_news(console_b, "ticket_opened", None)
+            ticket_id = opened["ticket"]["id"]
+            assert opened["ticket"]["state"] == "open"
+            for base in (a, b):
+                async with http.get(f"{base}/api/operator/tickets",
+                                    headers=operator_headers()) as resp:
+                    assert [t["id"] for t in (await resp.json())["tickets"]] == [ticket_id]
+
+            async def claim(base: str, who: str) -> int:
+                async with http.post(f"{base}/api/operator/tickets/{ticket_id}/claim",
+                                     headers=operator_headers(who), json={}) as resp:
+                    return resp.status
+
+            statuses = await asyncio.gather(claim(a, "Dana"), claim(b, "Sam"))
+            assert sorted(statuses) == [200, 409], statuses
+            winner = ("Dana", "Sam")[statuses.index(200)]
+            claimed = await _next_news(console_b, "ticket_updated", ticket_id)
+            assert claimed["ticket"]["state"] == "claimed"
+            assert winner.lower() in claimed["ticket"]["claimed_by"].lower()
+            with contextlib.suppress(TimeoutError):  # a second "joined", were one coming
+                while True:
+                    await customer.next_frame(1.5)
+            joined = [f for f in customer.frames
+                      if f["type"] == "message" and "has joined the chat" in f.get("text", "")]
+            assert [f["text"] for f in joined] == [
+                f"{winner} from our support team has joined the chat."], customer.frames
+            await console_b.close()
+    finally:
+        for service in reversed(services):
+            await service.stop()
