@@ -8,32 +8,39 @@ rate gives rarely shown articles a slot, or they could never collect the clicks 
 collaborative filtering needs.
 
 The collaborative model is trained from the events table in a worker thread on its own
-read-only connection (the store's single writer thread is never held up by a big read),
-and swapped in with one reference assignment: :meth:`HybridRecommender.suggest` reads the
-reference once, so each call sees one whole model, old or new, never a mix.
+read-only connection, SQLite or PostgreSQL alike (the store's single writer thread, or its
+pool, is never held up by a big read), and swapped in with one reference assignment:
+:meth:`HybridRecommender.suggest` reads the reference once, so each call sees one whole
+model, old or new, never a mix.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import random
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+import psycopg
+from psycopg import IsolationLevel
+from psycopg.conninfo import conninfo_to_dict
 from scipy import sparse
 
 from core.knowledge import Article, KnowledgeBase
 from core.messages import Suggestion
 from core.retrieval import matvec
 from core.store import SQLiteStore, Store
+from core.store_postgres import CONNECT_TIMEOUT_S, PostgresStore, describe_url
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -238,56 +245,116 @@ class EventLog:
     last_event_id: int
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class PostgresEvents:
+    """The events table of a PostgreSQL store, by the store's connection URL (password
+    included, so it stays out of ``repr``)."""
+
+    url: str
+
+    def __repr__(self) -> str:
+        return f"PostgresEvents({describe_url(self.url)!r})"
+
+
+EventSource = str | Path | PostgresEvents
+"""Where the trainer reads events: a SQLite file, or a PostgreSQL database."""
+Rows = Callable[[str, Sequence[Any]], Iterable[tuple[Any, ...]]]
+"""Runs one query (``?`` placeholders) inside a read's snapshot and gives its rows."""
+PG_FETCH_ROWS = 10_000
+"""Rows per round trip of a PostgreSQL read (a server-side cursor)."""
+
+
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 5000")
     return conn
 
 
-def read_event_log(path: str | Path, signals: SignalWeights, items: Sequence[str] = ()) -> EventLog:
-    """Read every positive event and the impression counts in one consistent snapshot.
-
-    Blocking; runs on its own connection so the store's writer thread is never held up.
-    """
-    marks = ",".join("?" for _ in POSITIVE_TYPES)
-    conn = _connect_read_only(Path(path))
+@contextlib.contextmanager
+def _sqlite_snapshot(path: Path) -> Iterator[Rows]:
+    conn = _connect_read_only(path)
     try:
         conn.execute("BEGIN")
-        last = int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
-        rows = conn.execute(
-            f"SELECT user_id, item_id, type, value FROM events WHERE type IN ({marks}) "
-            "AND item_id IS NOT NULL AND user_id IS NOT NULL AND id <= ?",
-            [*POSITIVE_TYPES, last],
-        )
-        triples = ((u, str(i), signals.of(t, v)) for u, i, t, v in rows)
-        interactions = Interactions.build(triples, items)
-        impressions = dict(
-            conn.execute(
-                "SELECT item_id, COUNT(*) FROM events WHERE type = 'suggestion_shown' "
-                "AND item_id IS NOT NULL AND id <= ? GROUP BY item_id",
-                [last],
-            ).fetchall()
-        )
+        yield conn.execute
         conn.execute("COMMIT")
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def _postgres_snapshot(url: str) -> Iterator[Rows]:
+    """A REPEATABLE READ, READ ONLY transaction on a connection of the trainer's own (opened
+    on its thread, never the store's async pool). Each query streams through a server-side
+    cursor, so libpq never holds a big log whole beside the matrix being built."""
+    timeout = {} if "connect_timeout" in conninfo_to_dict(url) else {
+        "connect_timeout": CONNECT_TIMEOUT_S}
+    with psycopg.connect(url, **timeout) as conn, contextlib.ExitStack() as cursors:
+        conn.isolation_level = IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        names = itertools.count()
+
+        def rows(query: str, params: Sequence[Any]) -> Iterable[tuple[Any, ...]]:
+            cursor = cursors.enter_context(conn.cursor(f"supportbot_events_{next(names)}"))
+            cursor.itersize = PG_FETCH_ROWS
+            # The queries below hold no literal "?" or "%": only placeholders change.
+            return cursor.execute(query.replace("?", "%s"), params)
+
+        yield rows
+
+
+def _snapshot(source: EventSource) -> contextlib.AbstractContextManager[Rows]:
+    """One consistent, read-only view of the events table, whichever the store."""
+    if isinstance(source, PostgresEvents):
+        return _postgres_snapshot(source.url)
+    return _sqlite_snapshot(Path(source))
+
+
+def _scalar(rows: Rows, query: str, params: Sequence[Any] = ()) -> int:
+    for (value,) in rows(query, params):
+        return int(value)
+    raise AssertionError(f"no row from {query!r}")
+
+
+def read_event_log(
+    source: EventSource, signals: SignalWeights, items: Sequence[str] = ()
+) -> EventLog:
+    """Read every positive event and the impression counts in one consistent snapshot.
+
+    Blocking; runs on its own connection so the store is never held up. Users and new
+    items get their rows and columns in the order the positives come, so that order is
+    fixed: the ``events_type_ts`` index's own (no sort on SQLite), the same on PostgreSQL
+    (``ts`` sorts bytewise on both), hence the same model from the same events.
+    """
+    marks = ",".join("?" for _ in POSITIVE_TYPES)
+    with _snapshot(source) as rows:
+        last = _scalar(rows, "SELECT COALESCE(MAX(id), 0) FROM events")
+        positives = rows(
+            f"SELECT user_id, item_id, type, value FROM events WHERE type IN ({marks}) "
+            "AND item_id IS NOT NULL AND user_id IS NOT NULL AND id <= ? ORDER BY type, ts, id",
+            [*POSITIVE_TYPES, last],
+        )
+        triples = ((u, str(i), signals.of(t, v)) for u, i, t, v in positives)
+        interactions = Interactions.build(triples, items)
+        impressions = {
+            str(item): int(count) for item, count in rows(
+                "SELECT item_id, COUNT(*) FROM events WHERE type = 'suggestion_shown' "
+                "AND item_id IS NOT NULL AND id <= ? GROUP BY item_id",
+                [last],
+            )
+        }
     return EventLog(interactions, impressions, last)
 
 
-def count_new_positives(path: str | Path, after_id: int) -> int:
+def count_new_positives(source: EventSource, after_id: int) -> int:
     """Positive events logged after ``after_id``: what decides an early retrain. Blocking."""
     marks = ",".join("?" for _ in POSITIVE_TYPES)
-    conn = _connect_read_only(Path(path))
-    try:
-        return int(
-            conn.execute(
-                f"SELECT COUNT(*) FROM events WHERE id > ? AND type IN ({marks}) "
-                "AND item_id IS NOT NULL",
-                [after_id, *POSITIVE_TYPES],
-            ).fetchone()[0]
+    with _snapshot(source) as rows:
+        return _scalar(
+            rows,
+            f"SELECT COUNT(*) FROM events WHERE id > ? AND type IN ({marks}) "
+            "AND item_id IS NOT NULL",
+            [after_id, *POSITIVE_TYPES],
         )
-    finally:
-        conn.close()
 
 
 # -- the collaborative model -----------------------------------------------------------------
@@ -615,12 +682,16 @@ class HybridRecommender:
         """The opened store: its events train the model and say what a customer saw."""
         self._store = store
 
-    def _event_file(self) -> Path | None:
-        """The SQLite file the collaborative model trains from: training reads it on a
-        connection of its own. PostgreSQL has none yet, so there suggestions come from the
-        knowledge base and popularity alone, as with an empty event log."""
+    def _event_source(self) -> EventSource | None:
+        """Where the collaborative model trains from: training reads it on a connection of
+        its own. Another kind of store has none, so suggestions come from the knowledge
+        base and popularity alone, as with an empty event log."""
         store = self._store
-        return store.path if isinstance(store, SQLiteStore) else None
+        if isinstance(store, SQLiteStore):
+            return store.path
+        if isinstance(store, PostgresStore):
+            return PostgresEvents(store.url)
+        return None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -644,14 +715,14 @@ class HybridRecommender:
         """Train a new model from the events table in the worker thread, then swap it in."""
         if self._store is None:
             raise RuntimeError("attach_store() before retrain()")
-        path = self._event_file()
-        if path is None:
-            raise RuntimeError("collaborative retraining reads a SQLite store only for now")
+        source = self._event_source()
+        if source is None:
+            raise RuntimeError(f"collaborative retraining cannot read {type(self._store).__name__}")
         items = self._content.knowledge.ids()
         config = self._config
         async with self._retrain_lock:
             loop = asyncio.get_running_loop()
-            model = await loop.run_in_executor(self._executor, _train, path, items, config)
+            model = await loop.run_in_executor(self._executor, _train, source, items, config)
             self._model = model
             self._recent_shows = Counter()
             self._last_train = loop.time()
@@ -663,23 +734,23 @@ class HybridRecommender:
 
     async def _retrain_loop(self) -> None:
         config = self._config
-        path = self._event_file()
-        if path is None:
-            log.info("recommender: collaborative retraining reads a SQLite store only for "
-                     "now; on PostgreSQL suggestions come from the knowledge base and "
-                     "popularity")
+        source = self._event_source()
+        if source is None:
+            log.info("recommender: collaborative retraining cannot read %s; suggestions "
+                     "come from the knowledge base and popularity",
+                     type(self._store).__name__)
         else:
             await self._retrain_guarded()
         while True:
             await asyncio.sleep(config.poll_s)
             try:
                 await self._content.refresh()
-                if path is None:
+                if source is None:
                     continue
                 model = self._model
                 after = model.last_event_id if model is not None else 0
                 new = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, count_new_positives, path, after
+                    self._executor, count_new_positives, source, after
                 )
             except Exception:
                 log.exception("recommender: checking for new events failed")
@@ -785,8 +856,8 @@ class HybridRecommender:
         return Suggestion(article.id, article.title, article.url)
 
 
-def _train(path: Path, items: Sequence[str], config: HybridConfig) -> CFModel:
-    log_ = read_event_log(path, config.signals, items)
+def _train(source: EventSource, items: Sequence[str], config: HybridConfig) -> CFModel:
+    log_ = read_event_log(source, config.signals, items)
     return CFModel(
         log_.interactions, config.cf, impressions=log_.impressions,
         last_event_id=log_.last_event_id,

@@ -9,26 +9,32 @@ the service sends by itself (hand-off, "X has joined", fallback), commands, atta
 and replies that were never sent are left out, and operators appear only as ``operator``.
 
 Personal data (emails, phone and card numbers, order ids) is replaced by placeholders
-unless ``--no-redact-pii``. The database is read on a read-only connection, so the service
-can keep running.
+unless ``--no-redact-pii``. The database (the SQLite file, or the PostgreSQL database of
+``[store] url``) is read on a read-only connection, so the service can keep running; both
+give the same file for the same rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import ConfigError
+from core.config import ConfigError, StoreSettings
 from core.pii import redact_pii
 from finetune import tool
 from finetune.conversations import Example, Turn, write_jsonl
-from finetune.export_events import ExportError, open_database, parse_since
+from finetune.export_events import (
+    Database,
+    ExportError,
+    locate_database,
+    open_database,
+    parse_since,
+)
 from finetune.tool import run_module
 
 BOT, OPERATOR = "bot", "operator"
@@ -52,14 +58,14 @@ class Summary:
 
 
 def read_messages(
-    conn: sqlite3.Connection, since: str | None
+    db: Database, since: str | None
 ) -> Iterator[tuple[int, str, list[tuple[str, str, str]]]]:
     """(conversation id, platform, [(direction, sender, text)]) in the order they were
     stored, for conversations started at or after ``since``."""
     where, params = "", []
     if since:
         where, params = " AND c.created_at >= ?", [since]
-    cursor = conn.execute(
+    cursor = db.execute(
         "SELECT m.conversation_id, c.platform, m.direction, m.sender, m.text "
         "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
         "WHERE m.kind = 'text' AND TRIM(m.text) != '' AND (m.direction = 'in' OR "
@@ -113,14 +119,14 @@ def to_example(
     return Example(turns, source, group, f"{platform}-{conversation_id}")
 
 
-def export(conn: sqlite3.Connection, out: Path, options: Options, db_name: str) -> Summary:
+def export(db: Database, out: Path, options: Options) -> Summary:
     """Write the conversations to ``out`` (atomically) and say what was written."""
     summary = Summary()
 
     def examples() -> Iterator[Example]:
-        for conversation_id, platform, rows in read_messages(conn, options.since):
+        for conversation_id, platform, rows in read_messages(db, options.since):
             item = to_example(conversation_id, platform, rows, options,
-                              f"{db_name}#conversation-{conversation_id}")
+                              f"{db.name}#conversation-{conversation_id}")
             if isinstance(item, str):
                 summary.skipped[item] += 1
                 continue
@@ -140,10 +146,14 @@ def export(conn: sqlite3.Connection, out: Path, options: Options, db_name: str) 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db", default=None,
-        help="the service's database (default: [store] path of --config)",
+        help="the service's database: a SQLite file or a postgresql:// URL, its password "
+             f"from ${StoreSettings().password_env} (default: [store] of --config)",
     )
-    parser.add_argument("--config", default="config.toml",
-                        help="config file naming the database when --db is not given")
+    parser.add_argument(
+        "--config", default=None,
+        help="config file naming the database when --db is not given (default: "
+             "config.toml when there is one, else data/supportbot.db)",
+    )
     parser.add_argument("--out", default="conversations.jsonl",
                         help="JSONL file to write (default conversations.jsonl)")
     parser.add_argument("--since", default=None,
@@ -156,15 +166,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _database(args: argparse.Namespace) -> Path:
-    if args.db:
-        return Path(args.db)
-    from core.config import load_settings
-
-    return load_settings(args.config).store.sqlite_file(
-        "supportbot export conversations", args.config)
-
-
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
@@ -172,15 +173,14 @@ def run(args: argparse.Namespace) -> int:
                           args.operator_only, args.redact_pii)
         if not out.parent.is_dir():
             raise ExportError(f"{out.parent}: output folder not found")
-        db = _database(args)
-        conn = open_database(db)
+        db = open_database(*locate_database(args.db, args.config))
     except (ExportError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = export(conn, out, options, str(db))
+        summary = export(db, out, options)
     finally:
-        conn.close()
+        db.close()
     scope = f" started since {options.since}" if options.since else ""
     print(f"wrote {summary.written} conversations{scope} to {out} "
           f"({summary.with_operator} answered by an operator, {summary.targets} target "

@@ -1,16 +1,18 @@
 """`supportbot export events`: the behavior log as CSV or Parquet, for analysis.
 
-The events table is read on a read-only connection, so the service can keep running.
-Customers appear only by the store's internal user id (never their platform id). With
-``--ctr`` the click-through rate of suggestions is printed per recommender arm and per
-article: a click counts for the suggestion lists that showed that article in the same
-conversation.
+The events table is read on a read-only connection, so the service can keep running: the
+SQLite file, or the PostgreSQL database of ``[store] url`` (one snapshot, streamed), with the
+same output for the same rows. Customers appear only by the store's internal user id
+(never their platform id). With ``--ctr`` the click-through rate of suggestions is printed
+per recommender arm and per article: a click counts for the suggestion lists that showed
+that article in the same conversation.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import sqlite3
 import sys
@@ -18,11 +20,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
 
+import psycopg
+from psycopg import IsolationLevel
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from core.config import POSTGRES_SCHEMES, ConfigError, StoreSettings, load_settings
+from core.store_postgres import CONNECT_TIMEOUT_S, describe_url
 from finetune import tool
 from finetune.tool import run_module
 
+DEFAULT_CONFIG = "config.toml"
 FORMATS = ("csv", "parquet")
 COLUMNS = (
     "id", "ts", "type", "platform", "user_id", "conversation_id", "message_id", "item_id",
@@ -49,7 +59,78 @@ def parse_since(text: str) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
-def open_database(path: Path) -> sqlite3.Connection:
+Dialect = Literal["sqlite", "postgresql"]
+
+
+class Cursor(Protocol):
+    """What the exports read rows through: sqlite3's cursor or psycopg's server-side one."""
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]: ...
+
+    def fetchmany(self, size: int) -> list[tuple[Any, ...]]: ...
+
+
+class Database:
+    """The service's store, opened read-only for an export. Queries are written once, with
+    ``?`` placeholders (they hold no other ``?`` or ``%``); on PostgreSQL they run in one
+    REPEATABLE READ READ ONLY transaction (one snapshot while the service writes on),
+    each through a server-side cursor, so a big table streams in batches as from SQLite.
+    ``name`` is the file, or the URL without its password: for messages."""
+
+    __slots__ = ("_conn", "_cursors", "dialect", "name")
+
+    def __init__(self, conn: sqlite3.Connection | psycopg.Connection[Any], name: str) -> None:
+        self._conn = conn
+        self._cursors = itertools.count()
+        self.name = name
+        self.dialect: Dialect = "sqlite" if isinstance(conn, sqlite3.Connection) else "postgresql"
+
+    def execute(self, query: str, params: Sequence[Any] = ()) -> Cursor:
+        if isinstance(self._conn, sqlite3.Connection):
+            return self._conn.execute(query, params)
+        cursor = self._conn.cursor(f"supportbot_export_{next(self._cursors)}")
+        cursor.itersize = BATCH
+        return cursor.execute(query.replace("?", "%s"), params)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def is_postgres_url(target: str) -> bool:
+    return urlsplit(target).scheme in POSTGRES_SCHEMES
+
+
+def locate_database(db: str | None, config: str | None) -> tuple[str, str | None]:
+    """The database to read (a SQLite path or a PostgreSQL URL) and its password: ``--db``
+    when given (a URL's password from the variable ``[store] password_env`` names by
+    default), else the config's ``[store]``; with no ``--config``, ``config.toml`` when
+    there is one, else the default store."""
+    if db:
+        if not is_postgres_url(db):
+            return db, None
+        try:
+            params = conninfo_to_dict(db)
+        except psycopg.Error:
+            raise ExportError("--db: not a valid PostgreSQL URL") from None
+        env = StoreSettings().password_env
+        if params.get("password"):
+            raise ExportError(f"--db: the URL holds a password; put it in ${env} instead")
+        return db, os.environ.get(env) or None
+    if config is None and not Path(DEFAULT_CONFIG).is_file():
+        return StoreSettings().path, None
+    settings = load_settings(config or DEFAULT_CONFIG)
+    store = settings.store
+    if store.url:
+        return store.url, settings.secret(store.password_env)
+    return store.path, None
+
+
+def open_database(target: str, password: str | None = None) -> Database:
+    """A read-only connection to a SQLite file or a PostgreSQL URL (``password`` from the
+    environment) whose database has the store's events table."""
+    if is_postgres_url(target):
+        return _open_postgres(target, password)
+    path = Path(target)
     if not path.is_file():
         raise ExportError(f"{path}: database not found (pass --db PATH/supportbot.db)")
     try:
@@ -63,7 +144,29 @@ def open_database(path: Path) -> sqlite3.Connection:
     if not found:
         conn.close()
         raise ExportError(f"{path}: has no events table (not a supportbot database)")
-    return conn
+    return Database(conn, str(path))
+
+
+def _open_postgres(url: str, password: str | None) -> Database:
+    name = describe_url(url)
+    extra: dict[str, Any] = {} if "connect_timeout" in conninfo_to_dict(url) else {
+        "connect_timeout": CONNECT_TIMEOUT_S}
+    try:
+        conn = psycopg.connect(make_conninfo(url, password=password) if password else url,
+                               **extra)
+    except psycopg.Error as exc:
+        raise ExportError(f"{name}: cannot connect ({exc})") from None
+    try:
+        conn.isolation_level = IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        row = conn.execute("SELECT to_regclass('events') IS NOT NULL").fetchone()
+    except psycopg.Error as exc:
+        conn.close()
+        raise ExportError(f"{name}: {exc}") from None
+    if not (row and row[0]):
+        conn.close()
+        raise ExportError(f"{name}: has no events table (not a supportbot database)")
+    return Database(conn, name)
 
 
 def _where(since: str | None, types: Sequence[str]) -> tuple[str, list[Any]]:
@@ -78,11 +181,11 @@ def _where(since: str | None, types: Sequence[str]) -> tuple[str, list[Any]]:
 
 
 def read_events(
-    conn: sqlite3.Connection, since: str | None = None, types: Sequence[str] = ()
+    db: Database, since: str | None = None, types: Sequence[str] = ()
 ) -> Iterator[list[tuple[Any, ...]]]:
     """Batches of event rows in :data:`COLUMNS` order, oldest first."""
     where, params = _where(since, types)
-    cursor = conn.execute(
+    cursor = db.execute(
         "SELECT e.id, e.ts, e.type, u.platform, e.user_id, e.conversation_id, e.message_id, "
         "e.item_id, e.position, e.value, e.data FROM events e "
         f"LEFT JOIN users u ON u.id = e.user_id{where} ORDER BY e.id",
@@ -142,22 +245,32 @@ class ClickThrough:
         return self.clicks / self.shows if self.shows else 0.0
 
 
-def click_through(conn: sqlite3.Connection, since: str | None = None) -> list[ClickThrough]:
-    """Shows and clicks per (arm, article); the arm comes from ``suggestion_shown`` data."""
+ARM_SQL: dict[Dialect, str] = {
+    "sqlite": "json_extract(data, '$.arm')", "postgresql": "(data::jsonb ->> 'arm')",
+}
+"""The ``arm`` field of an event's JSON ``data``: the one part of the SQL not shared."""
+
+
+def click_through(db: Database, since: str | None = None) -> list[ClickThrough]:
+    """Shows and clicks per (arm, article); the arm comes from ``suggestion_shown`` data.
+    A missing conversation is 0 (ids start at 1), so the join is a plain equality that
+    PostgreSQL can hash; rows are sorted here, by code point on both stores."""
     stamp = "AND ts >= ?" if since else ""
     params = [since, since] if since else []
-    rows = conn.execute(
-        "WITH shown AS (SELECT conversation_id, item_id, "
-        "COALESCE(json_extract(data, '$.arm'), '') AS arm, COUNT(*) AS shows FROM events "
+    rows = db.execute(
+        "WITH shown AS (SELECT COALESCE(conversation_id, 0) AS conversation, item_id, "
+        f"COALESCE({ARM_SQL[db.dialect]}, '') AS arm, COUNT(*) AS shows FROM events "
         f"WHERE type = 'suggestion_shown' AND item_id IS NOT NULL {stamp} GROUP BY 1, 2, 3), "
-        "clicked AS (SELECT DISTINCT conversation_id, item_id FROM events "
-        f"WHERE type = 'suggestion_clicked' {stamp}) "
-        "SELECT s.arm, s.item_id, SUM(s.shows), SUM(c.item_id IS NOT NULL) FROM shown s "
-        "LEFT JOIN clicked c ON c.conversation_id IS s.conversation_id "
-        "AND c.item_id = s.item_id GROUP BY s.arm, s.item_id ORDER BY s.arm, s.item_id",
+        "clicked AS (SELECT DISTINCT COALESCE(conversation_id, 0) AS conversation, item_id "
+        f"FROM events WHERE type = 'suggestion_clicked' {stamp}) "
+        "SELECT s.arm, s.item_id, SUM(s.shows), COUNT(c.item_id) FROM shown s "
+        "LEFT JOIN clicked c ON c.conversation = s.conversation "
+        "AND c.item_id = s.item_id GROUP BY s.arm, s.item_id",
         params,
-    ).fetchall()
-    return [ClickThrough(arm or "(unknown)", item, int(n), int(k)) for arm, item, n, k in rows]
+    )
+    ordered = sorted(rows, key=lambda r: (str(r[0]), str(r[1])))
+    return [ClickThrough(arm or "(unknown)", item, int(n), int(k))
+            for arm, item, n, k in ordered]
 
 
 def format_click_through(rows: Sequence[ClickThrough]) -> str:
@@ -179,7 +292,16 @@ def format_click_through(rows: Sequence[ClickThrough]) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", default="data/supportbot.db", help="the service's database")
+    parser.add_argument(
+        "--db", default=None,
+        help="the service's database: a SQLite file or a postgresql:// URL, its password "
+             f"from ${StoreSettings().password_env} (default: [store] of --config)",
+    )
+    parser.add_argument(
+        "--config", default=None,
+        help="config file naming the database when --db is not given (default: "
+             "config.toml when there is one, else data/supportbot.db)",
+    )
     parser.add_argument("--out", required=True, help="file to write (.csv or .parquet)")
     parser.add_argument(
         "--format", choices=FORMATS, default=None,
@@ -203,19 +325,19 @@ def run(args: argparse.Namespace) -> int:
         since = parse_since(args.since) if args.since else None
         if not out.parent.is_dir():
             raise ExportError(f"{out.parent}: output folder not found")
-        conn = open_database(Path(args.db))
-    except ExportError as exc:
+        db = open_database(*locate_database(args.db, args.config))
+    except (ExportError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     partial = out.with_name(f".{out.name}.partial")
     try:
-        batches = read_events(conn, since, args.types)
+        batches = read_events(db, since, args.types)
         count = (write_parquet if fmt == "parquet" else write_csv)(batches, partial)
         os.replace(partial, out)
-        summary = click_through(conn, since) if args.ctr else None
+        summary = click_through(db, since) if args.ctr else None
     finally:
         partial.unlink(missing_ok=True)
-        conn.close()
+        db.close()
     scope = f" since {since}" if since else ""
     kinds = f" of type {', '.join(args.types)}" if args.types else ""
     print(f"wrote {count} events{kinds}{scope} to {out} ({fmt})")

@@ -121,3 +121,23 @@ async def test_clear_errors_for_a_missing_database_or_a_bad_date(
     assert export_events.main(["--db", str(not_a_db), "--out", str(out)]) == 2
     assert f"{not_a_db}: not a supportbot database" in capsys.readouterr().err
     assert not out.exists()
+
+
+async def test_database_from_the_config_file_or_the_default(
+    store: SQLiteStore, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --db: the config's [store]; without --config, ./config.toml when there is
+    one, else the default store (data/supportbot.db, as before there was --config)."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[store]\npath = "{store.path}"\n', encoding="utf-8")
+    out = tmp_path / "events.csv"
+    assert export_events.main(["--config", str(config), "--out", str(out)]) == 0
+    assert "wrote 7 events" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    assert export_events.main(["--out", str(out)]) == 0
+    assert "wrote 7 events" in capsys.readouterr().out
+    config.unlink()
+    assert export_events.locate_database(None, None) == ("data/supportbot.db", None)
+    assert export_events.main(["--config", str(config), "--out", str(out)]) == 2
+    assert f"{config}: file not found" in capsys.readouterr().err
