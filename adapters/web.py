@@ -21,7 +21,9 @@ import logging
 import os
 import re
 import secrets
+import time
 import uuid
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -58,6 +60,10 @@ _COMMANDS = {"start", "help", "human", "feedback"}
 MAX_OPERATOR_BODY = 64 * 1024
 MAX_JSON_DEPTH = 8
 RELAY_CHANNEL = "supportbot_web"
+RECENT_REPLIES_S = 10.0
+"""How long a relayed reply for a session with no tab here is kept: a tab that connects
+while another replica sends a reply (after its frame went out, before it is stored as
+sent, so in neither the relay nor the transcript) is given it after its hello."""
 """Where customer frames go for the sockets on other replicas (PostgreSQL NOTIFY)."""
 _CSP = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data:; "
         "style-src 'self'; script-src 'self'; form-action 'self'; frame-ancestors 'none'")
@@ -206,8 +212,9 @@ class WebAdapter(Adapter, CustomerChannel):
     platform = PLATFORM
 
     __slots__ = (
-        "_analytics", "_held", "_inbox", "_operators", "_pipeline", "_relay", "_relaying",
-        "_runner", "_settings", "_sockets", "_unsubscribe", "port", "ready", "token",
+        "_analytics", "_held", "_inbox", "_operators", "_pipeline", "_recent", "_relay",
+        "_relaying", "_runner", "_settings", "_sockets", "_unsubscribe", "port", "ready",
+        "token",
     )
 
     def __init__(
@@ -239,6 +246,8 @@ class WebAdapter(Adapter, CustomerChannel):
         self._sockets: dict[str, set[web.WebSocketResponse]] = {}
         self._held: dict[web.WebSocketResponse, list[dict[str, Any]]] = {}
         """Frames for sockets whose ``hello`` is not sent yet, in order."""
+        self._recent: OrderedDict[str, deque[tuple[float, dict[str, Any]]]] = OrderedDict()
+        """Replies relayed for sessions with no tab here (see :data:`RECENT_REPLIES_S`)."""
         self._operators = _WebOperators()
         self._pipeline: Pipeline | None = None
         self._runner: web.AppRunner | None = None
@@ -364,8 +373,27 @@ class WebAdapter(Adapter, CustomerChannel):
         except (ValueError, TypeError, KeyError):
             log.warning("ignored a malformed frame on %s", RELAY_CHANNEL)
             return
-        if isinstance(key, str) and isinstance(frame, dict) and key in self._sockets:
+        if not (isinstance(key, str) and isinstance(frame, dict)):
+            return
+        if key in self._sockets:
             self._inbox.put_nowait((key, frame))
+        elif frame.get("type") in ("reply", "message"):
+            self._keep_recent(key, frame)
+
+    def _keep_recent(self, key: str, frame: dict[str, Any]) -> None:
+        now = time.monotonic()
+        self._recent.setdefault(key, deque(maxlen=20)).append((now, frame))
+        self._recent.move_to_end(key)
+        while self._recent:
+            oldest = next(iter(self._recent.values()))
+            if now - oldest[-1][0] <= RECENT_REPLIES_S:
+                break
+            self._recent.popitem(last=False)
+
+    def _recent_for(self, key: str) -> list[dict[str, Any]]:
+        kept = self._recent.get(key, ())
+        now = time.monotonic()
+        return [frame for at, frame in kept if now - at <= RECENT_REPLIES_S]
 
     async def _deliver_relayed(self) -> None:
         """One task, so relayed frames reach a tab in the order they were published, and a
@@ -432,7 +460,7 @@ class WebAdapter(Adapter, CustomerChannel):
         await ws.prepare(request)
         # Registered before the transcript is read, so nothing sent meanwhile is lost; held
         # until the hello is out (the client dedupes by reply id what is in both).
-        self._held[ws] = []
+        self._held[ws] = self._recent_for(session)
         self._sockets.setdefault(session, set()).add(ws)
         user = User(PLATFORM, session, request.query.get("name", "")[:80])
         try:

@@ -10,7 +10,7 @@ a time. When a replica dies its customers reconnect to the first replica and sen
 what was not acknowledged. Lost, duplicated and out-of-order answers are counted from the
 database and must all be 0.
 
-    .venv/bin/python -m bench.replicas                      # 2000 x 5, 1 and 3 replicas
+    .venv/bin/python -m bench.replicas                      # 1000 x 10, 1 and 3 replicas
     .venv/bin/python -m bench.replicas --conversations 100 --messages 4
 
 Needs the PostgreSQL server binaries (Debian package ``postgresql``): the bench starts a
@@ -50,6 +50,11 @@ QUESTIONS = (
     "Can I pay with a gift card?",
     "Where can I see my order status?",
     "How do I return an item?",
+    "What payment methods do you accept?",
+    "How do I leave a review?",
+    "How do I unsubscribe from the newsletter?",
+    "How do I change my shipping address?",
+    "How do I reset my password?",
 )
 
 
@@ -247,10 +252,10 @@ async def run_once(cluster: Cluster, replicas: int, args: argparse.Namespace,
 
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--conversations", type=int, default=2000)
-    parser.add_argument("--messages", type=int, default=5,
-                        help="at most 5: a sixth would repeat a question, which the service"
-                        " rightly hands to a person")
+    parser.add_argument("--conversations", type=int, default=1000)
+    parser.add_argument("--messages", type=int, default=10,
+                        help=f"at most {len(QUESTIONS)}: one more would repeat a question, "
+                        "which the service rightly hands to a person")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--concurrency", type=int, default=100,
                         help="customers chatting at the same time")

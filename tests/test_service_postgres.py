@@ -245,6 +245,33 @@ async def test_frames_reach_a_customer_whose_socket_is_on_another_replica(
         await a.stop()
 
 
+async def test_a_tab_opened_while_another_replica_sends_a_reply_still_gets_it(
+    pg_cluster: Cluster, tmp_path: Path,
+) -> None:
+    """The reply's frame went out before the tab was there, and the reply is not stored
+    as sent yet (so not in the hello's transcript): the tab gets it right after its hello."""
+    url = pg_cluster.create_database()
+    settings = make_settings(tmp_path, store={"url": url})
+    a = await _Replica(settings, url).start()
+    b = await _Replica(settings, url).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await a.web.broadcast("late-session", {"type": "delta", "reply": "r7", "text": "Y"})
+            await a.web.broadcast("late-session", {"type": "reply", "reply": "r7",
+                                                   "sender": "bot", "text": "Yes, we do."})
+            await a.web.broadcast("other-session", {"type": "reply", "reply": "r8",
+                                                    "sender": "bot", "text": "Not yours."})
+            await asyncio.sleep(1.0)  # relayed to b, where no tab of the session is open
+            late = await Customer.connect(http, b.base, "late-session")
+            frame = await late.next_frame(10)
+            assert (frame["type"], frame["reply"], frame["text"]) == ("reply", "r7", "Yes, we do.")
+            with pytest.raises(asyncio.TimeoutError):
+                await late.next_frame(1.0)
+    finally:
+        await b.stop()
+        await a.stop()
+
+
 async def test_without_relay_nothing_is_published(pg_cluster: Cluster, tmp_path: Path) -> None:
     """The SQLite setting (one process): broadcast stays local, as it always was."""
     url = pg_cluster.create_database()
