@@ -337,6 +337,12 @@ async def test_two_replicas_one_operator_queue_and_one_claim_winner(
                                     headers=operator_headers()) as resp:
                     assert [t["id"] for t in (await resp.json())["tickets"]] == [ticket_id]
 
+            # Both replicas watch for unclaimed tickets; one re-announces it.
+            rounds = await asyncio.gather(*(s.pipeline.operators.reannounce_overdue(0.0)
+                                            for s in services if s.pipeline is not None))
+            assert sorted(rounds) == [0, 1], rounds
+            await customer.until("message", sender="system", timeout=15)
+
             async def claim(base: str, who: str) -> int:
                 async with http.post(f"{base}/api/operator/tickets/{ticket_id}/claim",
                                      headers=operator_headers(who), json={}) as resp:
@@ -355,6 +361,8 @@ async def test_two_replicas_one_operator_queue_and_one_claim_winner(
                       if f["type"] == "message" and "has joined the chat" in f.get("text", "")]
             assert [f["text"] for f in joined] == [
                 f"{winner} from our support team has joined the chat."], customer.frames
+            waiting = [f for f in customer.frames if "Thanks for waiting" in f.get("text", "")]
+            assert len(waiting) == 1, customer.frames
             await console_b.close()
     finally:
         for service in reversed(services):
