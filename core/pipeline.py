@@ -382,14 +382,19 @@ class Pipeline:
         back, or the database failed)."""
         assert self._leases is not None
         try:
-            if not await self._leases.take(key):
+            if await self._leases.extend(key):
+                # Held without a lapse since this replica's last message: nobody else can
+                # have left a reply half-sent, so reading what is unanswered is enough.
+                rows = await self.store.unanswered_inbound(key)
+            elif not await self._leases.take(key):
                 for job in queue:
                     self._release(job)
                 queue.clear()
                 return False
-            # Nothing of this conversation is being answered here between two messages, so
-            # recovery's rules apply to all of it.
-            rows = await self.store.unfinished_inbound((), [key])
+            else:
+                # Nothing of this conversation is being answered here between two messages,
+                # so recovery's rules apply to all of it.
+                rows = await self.store.unfinished_inbound((), [key])
             unanswered = {row["id"] for row in rows}
             for job in [j for j in queue if j.message_id not in unanswered]:
                 queue.remove(job)
@@ -1312,8 +1317,8 @@ class Pipeline:
         job = _ANSWERING.get()
         if self._leases is None or job is None:
             return
-        await self._leases.fence(job.stored.conversation_id)
-        if await self.store.inbound_status(job.message_id) not in ("received", "processing"):
+        status = await self._leases.fence(job.stored.conversation_id, job.message_id)
+        if status not in ("received", "processing"):
             raise LeaseLost(job.stored.conversation_id)
 
     async def _not_sent(self, out_id: int, exc: BaseException) -> None:

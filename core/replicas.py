@@ -59,10 +59,24 @@ class Leases:
             self._held.discard(conversation_id)
         return taken
 
-    async def fence(self, conversation_id: int) -> None:
-        """Renew just before the last hop; :class:`LeaseLost` if it went to another."""
-        if not await self.take(conversation_id):
+    async def extend(self, conversation_id: int) -> bool:
+        """Extend a lease that never lapsed: ``True`` means no other replica can have
+        touched the conversation since this one last held it."""
+        extended = await self._store.extend_conversation(conversation_id, self.owner, self.ttl_s)
+        if extended:
+            self._held.add(conversation_id)
+        return extended
+
+    async def fence(self, conversation_id: int, message_id: int) -> str:
+        """Renew just before the last hop and read the message's status, in one step;
+        :class:`LeaseLost` if the lease went to another."""
+        status = await self._store.fence_conversation(
+            conversation_id, self.owner, self.ttl_s, message_id)
+        if status is None:
+            self._held.discard(conversation_id)
             raise LeaseLost(conversation_id)
+        self._held.add(conversation_id)
+        return status
 
     async def release(self, conversation_id: int) -> None:
         self._held.discard(conversation_id)

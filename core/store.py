@@ -174,6 +174,20 @@ def check_channel(channel: str) -> str:
     return channel
 
 
+UNANSWERED_SELECT = (
+    "SELECT m.*, c.conversation_key, c.user_id, c.state, u.platform_user_id, u.display_name "
+    "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+    "JOIN users u ON u.id = c.user_id "
+    "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') "
+)
+"""The unanswered-message rows, as recovery and adoption give them to the pipeline."""
+NO_REPLY_OUT = (
+    "AND NOT EXISTS (SELECT 1 FROM messages o WHERE o.reply_to = m.id AND o.direction = "
+    "'out' AND o.sender IN ('bot', 'system') AND o.status IN ('sending', 'sent')) "
+)
+"""What recovery would mark answered (a reply sent or handed to the platform), left out
+by a read that changes nothing."""
+
 MARK_REPLIED_ANSWERED = (
     "UPDATE messages SET status = 'answered' WHERE direction = 'in' AND status IN "
     "('received', 'processing') AND id NOT IN (SELECT value FROM json_each(?)) "
@@ -273,6 +287,11 @@ class Store(Protocol):
         self, skip: Sequence[int] = (), conversations: Sequence[int] | None = None
     ) -> list[dict]: ...
     async def take_conversation(self, conversation_id: int, owner: str, ttl_s: float) -> bool: ...
+    async def extend_conversation(self, conversation_id: int, owner: str, ttl_s: float
+                                  ) -> bool: ...
+    async def fence_conversation(self, conversation_id: int, owner: str, ttl_s: float,
+                                 message_id: int) -> str | None: ...
+    async def unanswered_inbound(self, conversation_id: int) -> list[dict]: ...
     async def renew_conversations(self, owner: str, ttl_s: float) -> list[int]: ...
     async def release_conversation(self, conversation_id: int, owner: str) -> None: ...
     async def orphaned_conversations(self, owner: str, limit: int = 100) -> list[int]: ...
@@ -562,16 +581,21 @@ class SQLiteStore:
                 args,
             )
             return list(db.query(
-                "SELECT m.*, c.conversation_key, c.user_id, c.state, u.platform_user_id, "
-                "u.display_name "
-                "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-                "JOIN users u ON u.id = c.user_id "
-                "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') "
-                "AND m.id NOT IN (SELECT value FROM json_each(?))" + scope + " ORDER BY m.id",
+                UNANSWERED_SELECT + "AND m.id NOT IN (SELECT value FROM json_each(?))" + scope
+                + " ORDER BY m.id",
                 args,
             ))
 
         return await self._run(self._tx, op)
+
+    async def unanswered_inbound(self, conversation_id: int) -> list[dict]:
+        """The conversation's messages :meth:`unfinished_inbound` would give, read without
+        settling anything: for a replica whose lease never lapsed since its last message,
+        so no other replica can have left a reply half-sent."""
+        return await self._run(lambda: list(self.db.query(
+            UNANSWERED_SELECT + NO_REPLY_OUT + "AND m.conversation_id = ? ORDER BY m.id",
+            [conversation_id],
+        )))
 
     # -- leases: one replica at a time per conversation ----------------------------------
 
@@ -590,6 +614,40 @@ class SQLiteStore:
                 "OR conversation_leases.owner = excluded.owner RETURNING owner",
                 {"id": conversation_id, "owner": owner, "until": now + ttl_s, "now": now},
             ).fetchall())
+
+        return await self._run(self._tx, op)
+
+    async def extend_conversation(self, conversation_id: int, owner: str, ttl_s: float
+                                  ) -> bool:
+        """Extend ``owner``'s lease only if it has not lapsed: ``True`` means nobody else can
+        have held the conversation since ``owner`` last took or extended it."""
+        rows = await self._run(lambda: self.db.execute(
+            "UPDATE conversation_leases SET expires_at = ? WHERE conversation_id = ? AND "
+            "owner = ? AND expires_at > ? RETURNING conversation_id",
+            [time.time() + ttl_s, conversation_id, owner, time.time()],
+        ).fetchall())
+        return bool(rows)
+
+    async def fence_conversation(self, conversation_id: int, owner: str, ttl_s: float,
+                                 message_id: int) -> str | None:
+        """The last hop's check in one step: take or renew the lease (as
+        :meth:`take_conversation`) and read the inbound message's status; ``None`` when
+        another replica holds the lease."""
+
+        def op(db: sqlite_utils.Database) -> str | None:
+            now = time.time()
+            if not db.execute(
+                "INSERT INTO conversation_leases (conversation_id, owner, expires_at) "
+                "VALUES (:id, :owner, :until) ON CONFLICT (conversation_id) DO UPDATE "
+                "SET owner = excluded.owner, expires_at = excluded.expires_at "
+                "WHERE conversation_leases.expires_at <= :now "
+                "OR conversation_leases.owner = excluded.owner RETURNING owner",
+                {"id": conversation_id, "owner": owner, "until": now + ttl_s, "now": now},
+            ).fetchall():
+                return None
+            row = db.execute("SELECT status FROM messages WHERE id = ? AND direction = 'in'",
+                             [message_id]).fetchone()
+            return str(row[0]) if row else ""
 
         return await self._run(self._tx, op)
 

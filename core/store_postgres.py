@@ -37,6 +37,8 @@ from core import metrics
 from core.messages import Inbound, User
 from core.store import (
     LOCK_RETRY_DELAYS_S,
+    NO_REPLY_OUT,
+    UNANSWERED_SELECT,
     ConversationState,
     EventType,
     RelayCallback,
@@ -593,6 +595,11 @@ class PostgresStore:
 
         return await self._retrying(attempt_fn)
 
+    async def _single(self, op: Op[T]) -> T:
+        """One idempotent statement in autocommit (its own transaction, no BEGIN and
+        COMMIT round trips): safe to retry, since running it twice leaves what once does."""
+        return await self._read(op)
+
     async def _read(self, op: Op[T]) -> T:
         """``op`` outside a transaction (reads only: always safe to retry)."""
 
@@ -712,24 +719,24 @@ class PostgresStore:
                 args,
             )
             return await _all(
-                conn,
-                "SELECT m.*, c.conversation_key, c.user_id, c.state, u.platform_user_id, "
-                "u.display_name "
-                "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-                "JOIN users u ON u.id = c.user_id "
-                "WHERE m.direction = 'in' AND m.status IN ('received', 'processing') "
-                "AND m.id <> ALL(%s::bigint[])" + scope + " ORDER BY m.id",
-                args,
+                conn, UNANSWERED_SELECT + "AND m.id <> ALL(%s::bigint[])" + scope
+                + " ORDER BY m.id", args,
             )
 
         return await self._tx(op)
+
+    async def unanswered_inbound(self, conversation_id: int) -> list[dict]:
+        """See :meth:`core.store.SQLiteStore.unanswered_inbound`."""
+        return await self.query(
+            UNANSWERED_SELECT + NO_REPLY_OUT + "AND m.conversation_id = %s ORDER BY m.id",
+            [conversation_id])
 
     # -- leases: one replica at a time per conversation ----------------------------------
 
     async def take_conversation(self, conversation_id: int, owner: str, ttl_s: float) -> bool:
         """See :meth:`core.store.SQLiteStore.take_conversation`. Of two takers at once, the
         second waits for the first's row and then finds it live and not its own."""
-        row = await self._tx(lambda conn: _one(
+        row = await self._single(lambda conn: _one(
             conn,
             "INSERT INTO conversation_leases AS l (conversation_id, owner, expires_at) "
             f"VALUES (%(id)s, %(owner)s, {PG_NOW} + %(ttl)s) ON CONFLICT (conversation_id) "
@@ -739,9 +746,41 @@ class PostgresStore:
         ))
         return row is not None
 
+    async def extend_conversation(self, conversation_id: int, owner: str, ttl_s: float
+                                  ) -> bool:
+        """See :meth:`core.store.SQLiteStore.extend_conversation`."""
+        row = await self._single(lambda conn: _one(
+            conn,
+            f"UPDATE conversation_leases SET expires_at = {PG_NOW} + %s WHERE "
+            f"conversation_id = %s AND owner = %s AND expires_at > {PG_NOW} "
+            "RETURNING conversation_id",
+            [float(ttl_s), conversation_id, _text(owner)],
+        ))
+        return row is not None
+
+    async def fence_conversation(self, conversation_id: int, owner: str, ttl_s: float,
+                                 message_id: int) -> str | None:
+        """See :meth:`core.store.SQLiteStore.fence_conversation`: one statement, the lease
+        taken in a CTE, the status read beside it."""
+        row = await self._single(lambda conn: _one(
+            conn,
+            "WITH lease AS (INSERT INTO conversation_leases AS l (conversation_id, owner, "
+            f"expires_at) VALUES (%(id)s, %(owner)s, {PG_NOW} + %(ttl)s) "
+            "ON CONFLICT (conversation_id) DO UPDATE SET owner = EXCLUDED.owner, "
+            f"expires_at = EXCLUDED.expires_at WHERE l.expires_at <= {PG_NOW} "
+            "OR l.owner = EXCLUDED.owner RETURNING l.owner) "
+            "SELECT (SELECT status FROM messages WHERE id = %(message)s AND direction = 'in') "
+            "AS status FROM lease",
+            {"id": conversation_id, "owner": _text(owner), "ttl": float(ttl_s),
+             "message": message_id},
+        ))
+        if row is None:
+            return None
+        return "" if row["status"] is None else str(row["status"])
+
     async def renew_conversations(self, owner: str, ttl_s: float) -> list[int]:
         """See :meth:`core.store.SQLiteStore.renew_conversations`."""
-        rows = await self._tx(lambda conn: _all(
+        rows = await self._single(lambda conn: _all(
             conn,
             f"UPDATE conversation_leases SET expires_at = {PG_NOW} + %s WHERE owner = %s "
             "RETURNING conversation_id",
@@ -751,7 +790,7 @@ class PostgresStore:
 
     async def release_conversation(self, conversation_id: int, owner: str) -> None:
         """See :meth:`core.store.SQLiteStore.release_conversation`."""
-        await self._tx(lambda conn: conn.execute(
+        await self._single(lambda conn: conn.execute(
             "DELETE FROM conversation_leases WHERE conversation_id = %s AND owner = %s",
             [conversation_id, _text(owner)],
         ))

@@ -330,6 +330,55 @@ async def test_a_lapsed_lease_is_taken_over_and_its_old_owner_learns_it(
     assert await a.renew_conversations("nobody", 30) == []
 
 
+async def test_a_lease_extends_only_while_it_never_lapsed(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    cid = (await stored(a, inbound("m1"))).conversation_id
+    assert await a.extend_conversation(cid, "A", 30) is False, "nothing to extend"
+    assert await a.take_conversation(cid, "A", 0.2)
+    assert await a.extend_conversation(cid, "A", 0.2) is True
+    assert await b.extend_conversation(cid, "B", 30) is False, "not B's"
+    await asyncio.sleep(0.3)
+    assert await a.extend_conversation(cid, "A", 30) is False, "lapsed: someone may have had it"
+    assert await b.take_conversation(cid, "B", 30)
+    assert await a.extend_conversation(cid, "A", 30) is False
+
+
+async def test_the_fence_takes_the_lease_and_reads_the_status_in_one_step(
+    backend: Backend,
+) -> None:
+    a, b = await backend.open(), await backend.open()
+    m1 = await stored(a, inbound("m1"))
+    cid = m1.conversation_id
+    assert await a.fence_conversation(cid, "A", 30, m1.message_id) == "received"
+    await a.set_inbound_status(m1.message_id, "processing")
+    assert await a.fence_conversation(cid, "A", 30, m1.message_id) == "processing"
+    assert await b.fence_conversation(cid, "B", 30, m1.message_id) is None, "A holds it"
+    await a.set_inbound_status(m1.message_id, "answered")
+    assert await a.fence_conversation(cid, "A", 30, m1.message_id) == "answered"
+    lease = await _lease(b, cid)
+    assert lease is not None and lease["owner"] == "A"
+
+
+async def test_unanswered_inbound_reads_what_recovery_would_give_without_settling(
+    backend: Backend,
+) -> None:
+    store = await backend.open()
+    first = await stored(store, inbound("m1", "one"))
+    cid = first.conversation_id
+    second = await stored(store, inbound("m2", "two"))
+    third = await stored(store, inbound("m3", "three"))
+    await stored(store, inbound("x1", "elsewhere", key="c2"))
+    sent = await store.begin_outbound(cid, "web", "bot", first.message_id, "a1", status="sending")
+    await store.begin_outbound(cid, "web", "bot", second.message_id, "half")  # pending
+    assert [r["id"] for r in await store.unanswered_inbound(cid)] == [
+        second.message_id, third.message_id]
+    out = next(r for r in await rows(store, "messages") if r["id"] == sent)
+    assert out["status"] == "sending", "nothing settled"
+    recovered = await store.unfinished_inbound((), [cid])
+    assert [r["id"] for r in recovered] == [second.message_id, third.message_id]
+    assert set(recovered[0]) == set((await store.unanswered_inbound(cid))[0])
+
+
 async def test_only_the_owner_releases_a_lease(backend: Backend) -> None:
     a, b = await backend.open(), await backend.open()
     cid = (await stored(a, inbound("m1"))).conversation_id
