@@ -34,7 +34,7 @@ from aiohttp import WSMsgType, web
 
 from core import analytics
 from core.adapter import Adapter
-from core.analytics import SQLITE_ONLY, Analytics, AnalyticsError
+from core.analytics import Analytics, AnalyticsError, open_analytics
 from core.channels import CustomerChannel, OperatorChannel, ReplyStream
 from core.config import WebSettings
 from core.messages import Inbound, Kind, Reply, User
@@ -48,6 +48,7 @@ from core.operators import (
 )
 from core.pipeline import Pipeline
 from core.store import SQLiteStore, StoreError
+from core.store_postgres import PostgresStore
 from core.tickets import TicketView
 
 log = logging.getLogger(__name__)
@@ -284,8 +285,8 @@ class WebAdapter(Adapter, CustomerChannel):
     async def start(self, pipeline: Pipeline) -> None:
         self._pipeline = pipeline
         store = pipeline.store
-        if isinstance(store, SQLiteStore):
-            self._analytics = Analytics(store.path)
+        if isinstance(store, SQLiteStore | PostgresStore):
+            self._analytics = await open_analytics(store)
         if self._relay:
             self._relaying = asyncio.create_task(self._deliver_relayed(), name="web-relay")
             self._unsubscribe = await store.subscribe(RELAY_CHANNEL, self._on_relayed)
@@ -728,7 +729,8 @@ class WebAdapter(Adapter, CustomerChannel):
     async def _analytics_data(self, request: web.Request) -> web.Response:
         self._operator(request)
         if self._analytics is None and self._pipeline is not None:
-            raise _json_error(web.HTTPServiceUnavailable, SQLITE_ONLY)
+            raise _json_error(web.HTTPServiceUnavailable,
+                              f"no analytics for a {type(self._pipeline.store).__name__}")
         q = request.query
         try:
             r = analytics.parse_range(q.get("since"), q.get("start") or None,

@@ -14,7 +14,7 @@ from psycopg.conninfo import make_conninfo
 from core import report
 from core.acts import ActClassifier
 from core.adapter import Adapter
-from core.analytics import SQLITE_ONLY, Analytics, TimeRange, ensure_indexes
+from core.analytics import Analytics, TimeRange, open_analytics
 from core.config import ConfigError, Settings
 from core.faithfulness import FaithfulnessChecker
 from core.generation import Generator
@@ -202,16 +202,9 @@ class Service:
 
     async def start(self) -> Pipeline:
         await self.store.open()
-        if isinstance(self.store, SQLiteStore):
-            # The analytics indexes, built before any traffic (on a large database the first
-            # build takes seconds, which would otherwise hold up the store's writes).
-            created = await asyncio.to_thread(ensure_indexes, self.store.path)
-            if created:
-                log.info("created analytics indexes: %s", ", ".join(created))
-            self._analytics = Analytics(self.store.path)
-        else:
-            log.warning("%s%s", SQLITE_ONLY, " ([report] enabled is ignored)"
-                        if self.settings.report.enabled else "")
+        # The analytics indexes, built before any traffic (on a large database the first
+        # build takes seconds, which would otherwise hold up the store's writes).
+        self._analytics = await open_analytics(self.store, create_indexes=True)
         # One model load at a time: transformers' meta-device loading is not thread-safe.
         self.generator = await build_generator(self.settings)
         await self.generator.start()
@@ -262,7 +255,7 @@ class Service:
         if self.pipeline is None:
             raise RuntimeError("the service is not started")
         if self._analytics is None:
-            raise RuntimeError(f"{SQLITE_ONLY} (store.url is PostgreSQL)")
+            raise RuntimeError("the service is not started")
         settings = self.settings.report
         r = TimeRange.last(settings.period_s)
         built = await self._analytics.call(lambda conn: report.build(conn, r))

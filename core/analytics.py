@@ -1,32 +1,56 @@
 """Read-only analytics over the store: sentiment, escalations, operators, suggestions, model.
 
 The queries read the ``events``, ``messages``, ``conversations`` and ``tickets`` tables on
-their own SQLite connection, on one worker thread, so the event loop never waits and the
-store's writer is never blocked (WAL lets readers run beside it). The covering indexes the
-queries need are created once by :func:`ensure_indexes`; with them a 30-day range over a
-million events stays an index-only scan.
+a read-only connection of their own, SQLite or PostgreSQL, on one worker thread, so the
+event loop never waits and the store's writers are never blocked (WAL lets SQLite's readers
+run beside its writer). One set of queries serves both databases: they are written with
+``?`` placeholders (:func:`_execute` hands psycopg ``%s``), timestamps are ISO text in
+both (PostgreSQL's with ``COLLATE "C"``, so they compare and cut like SQLite's), time
+arithmetic happens in Python, and SQLite alone gets ``INDEXED BY`` hints (:func:`_index`).
+The covering indexes the queries need are created once by :func:`ensure_indexes` (SQLite)
+or :func:`ensure_pg_indexes`; with them a 30-day range over a million events stays an
+index scan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, LiteralString, Protocol, TypeVar, cast
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow, tuple_row
+
+from core.store import SQLiteStore
+from core.store_postgres import PostgresStore, describe_url
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Bucket = Literal["hour", "day"]
+PgConnection = psycopg.Connection[TupleRow]
+Conn = sqlite3.Connection | PgConnection
+"""What every query takes: the store's SQLite file or its PostgreSQL database."""
+DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+"""What a query can raise from either database (a caller turns them into a message)."""
 
-SQLITE_ONLY = "analytics dashboard and reports: SQLite only for now"
-"""Why there are none on PostgreSQL: every query here reads the SQLite file directly."""
+TABLES = ("events", "messages", "tickets", "conversations")
+PG_CONNECT_TIMEOUT_S = 10
+"""libpq's ``connect_timeout`` where the URL gives none."""
+PG_INDEX_LOCK_KEY = 0x5B_0751_A001
+"""``pg_advisory_xact_lock`` key held while an analytics index is built, so replicas that
+start together build each once (the store's keys are ``0x5B_0751_000n``)."""
 
 # name -> DDL; every statement is idempotent so any process may run them at any time.
 INDEXES: dict[str, str] = {
@@ -45,6 +69,25 @@ INDEXES: dict[str, str] = {
     "WHERE direction = 'out' AND sender = 'bot'",
     "messages_analytics_customer": "CREATE INDEX IF NOT EXISTS messages_analytics_customer "
     "ON messages (created_at) WHERE direction = 'in' AND kind = 'text'",
+}
+# The same on PostgreSQL: the columns only read go in INCLUDE, the topics' tie-break (id)
+# joins the key (SQLite's index ends with the rowid anyway).
+PG_INDEXES: dict[str, str] = {
+    "events_analytics_value": "CREATE INDEX IF NOT EXISTS events_analytics_value "
+    "ON events (type, ts) INCLUDE (value)",
+    "events_analytics_article": "CREATE INDEX IF NOT EXISTS events_analytics_article "
+    "ON events (type, item_id, ts)",
+    "conversations_analytics_created": "CREATE INDEX IF NOT EXISTS "
+    "conversations_analytics_created ON conversations (created_at) INCLUDE (id)",
+    "conversations_analytics_user": "CREATE INDEX IF NOT EXISTS conversations_analytics_user "
+    "ON conversations (user_id, updated_at)",
+    "tickets_analytics_created": "CREATE INDEX IF NOT EXISTS tickets_analytics_created "
+    "ON tickets (created_at) INCLUDE (reason, first_response_at, closed_at, state)",
+    "messages_analytics_bot": "CREATE INDEX IF NOT EXISTS messages_analytics_bot "
+    "ON messages (status, created_at) INCLUDE (latency_ms, first_token_ms, error) "
+    "WHERE direction = 'out' AND sender = 'bot'",
+    "messages_analytics_customer": "CREATE INDEX IF NOT EXISTS messages_analytics_customer "
+    "ON messages (created_at, id) WHERE direction = 'in' AND kind = 'text'",
 }
 
 # Reactions and words a customer uses to rate an answer; anything else is "other".
@@ -211,25 +254,109 @@ def connect_readonly(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
+def _pg_connect(url: str) -> PgConnection:
+    """An autocommit connection: each query reads its own snapshot (as SQLite's reads do
+    under WAL) and none is left idle in a transaction, holding back vacuum."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        raise AnalyticsError("invalid PostgreSQL URL") from None
+    timeout = {} if "connect_timeout" in params else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    try:
+        return psycopg.connect(url, autocommit=True, row_factory=tuple_row, **timeout)
+    except psycopg.Error as exc:
+        raise AnalyticsError(f"{describe_url(url)}: {exc}") from None
+
+
+def ensure_pg_indexes(url: str) -> list[str]:
+    """Create the missing :data:`PG_INDEXES`; returns the names created.
+
+    Each is built in a transaction of its own under :data:`PG_INDEX_LOCK_KEY`, so replicas
+    starting together build it once. A build holds writes to its table until it is done
+    (as a migration would), which is why the service runs this before taking traffic.
+    """
+    def exists(conn: PgConnection, name: str) -> bool:
+        # A query of the catalog, not to_regclass: its cache may predate the lock.
+        return conn.execute(
+            "SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() AND indexname = %s",
+            [name],
+        ).fetchone() is not None
+
+    created = []
+    with _pg_connect(url) as conn:
+        for name, ddl in PG_INDEXES.items():
+            if exists(conn, name):
+                continue
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", [PG_INDEX_LOCK_KEY])
+                if not exists(conn, name):  # another replica may have built it meanwhile
+                    conn.execute(ddl)
+                    created.append(name)
+    return created
+
+
+def connect_postgres(url: str) -> PgConnection:
+    """A read-only connection to the store's PostgreSQL database (``url`` as the store has
+    it, password included)."""
+    where = describe_url(url)
+    conn = _pg_connect(url)
+    try:
+        conn.execute("SET default_transaction_read_only = on")
+        row = conn.execute(
+            "SELECT COUNT(*) FROM unnest(%s::text[]) AS t(name) WHERE to_regclass(name) "
+            "IS NOT NULL", [list(TABLES)],
+        ).fetchone()
+    except psycopg.Error as exc:
+        conn.close()
+        raise AnalyticsError(f"{where}: {exc}") from None
+    if not row or row[0] != len(TABLES):
+        conn.close()
+        raise AnalyticsError(f"{where}: not a supportbot database (tables missing)")
+    return conn
+
+
 # -- queries (synchronous; each takes a connection and a range) ----------------------------
+
+
+class Rows(Protocol):
+    """The cursor either driver returns."""
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+def _execute(conn: Conn, sql: str, params: Sequence[Any] = ()) -> Rows:
+    """``sql`` written with ``?`` placeholders, on either database: psycopg takes ``%s``.
+    No query here has a literal ``?`` or ``%`` (values always travel as parameters)."""
+    if isinstance(conn, sqlite3.Connection):
+        return conn.execute(sql, params)
+    return conn.execute(cast("LiteralString", sql.replace("?", "%s")), params)
 
 
 def _series(labels: list[str], counts: dict[str, float], default: float | None = 0) -> list:
     return [counts.get(label, default) for label in labels]
 
 
-def _index(conn: sqlite3.Connection, name: str) -> str:
+def _ranked(counts: Counter[str], limit: int | None = None) -> dict[str, int]:
+    """Most first, ties by name: the databases return rows in different orders, and the
+    charts and the report must not depend on it."""
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit])
+
+
+def _index(conn: Conn, name: str) -> str:
     """``INDEXED BY name`` where the analytics index exists (without statistics SQLite
-    would pick the store's narrower index and sort)."""
+    would pick the store's narrower index and sort); nothing on PostgreSQL, whose planner
+    has statistics and picks it unaided."""
+    if not isinstance(conn, sqlite3.Connection):
+        return ""
     found = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)
     ).fetchone()
     return f" INDEXED BY {name}" if found else ""
 
 
-def _per_bucket(
-    conn: sqlite3.Connection, r: TimeRange, sql: str, params: tuple = ()
-) -> dict[str, tuple]:
+def _per_bucket(conn: Conn, r: TimeRange, sql: str, params: tuple = ()) -> dict[str, tuple]:
     """Run an aggregate once per bucket (``sql`` ends with the two bounds' placeholders).
 
     One ungrouped aggregate per bucket walks the covering index in order; a single
@@ -242,23 +369,23 @@ def _per_bucket(
     for i, label in enumerate(labels):
         lo = max(label, lo_all)
         hi = min(labels[i + 1], hi_all) if i + 1 < len(labels) else hi_all
-        out[label] = conn.execute(sql, (*params, lo, hi)).fetchone()
+        out[label] = _execute(conn, sql, (*params, lo, hi)).fetchone()
     return out
 
 
 SENTIMENTS = ("negative", "neutral", "positive")
 
 
-def sentiment(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
+def sentiment(conn: Conn, r: TimeRange) -> dict[str, Any]:
     """Customer messages per bucket by sentiment label (the volume chart too)."""
     rows = _per_bucket(
         conn, r,
-        "SELECT " + ", ".join(f"SUM(value = '{s}')" for s in SENTIMENTS) + ", COUNT(*) "
-        f"FROM events{_index(conn, 'events_analytics_value')} "
+        "SELECT " + ", ".join(f"COUNT(CASE WHEN value = '{s}' THEN 1 END)" for s in SENTIMENTS)
+        + f", COUNT(*) FROM events{_index(conn, 'events_analytics_value')} "
         "WHERE type = 'message' AND ts >= ? AND ts < ?",
     )
     labels = r.labels()
-    series = {s: [rows[b][i] or 0 for b in labels] for i, s in enumerate(SENTIMENTS)}
+    series = {s: [rows[b][i] for b in labels] for i, s in enumerate(SENTIMENTS)}
     volume = [rows[b][len(SENTIMENTS)] for b in labels]
     totals = {label: sum(v) for label, v in series.items()}
     total = sum(volume)
@@ -272,22 +399,25 @@ def sentiment(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
     }
 
 
-def escalations(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
+def escalations(conn: Conn, r: TimeRange) -> dict[str, Any]:
     """Escalations by reason, and per bucket the share of the conversations started there
     that escalated in the range (each conversation counted once, so never above 100%)."""
-    rows = conn.execute(
+    rows = _execute(
+        conn,
         f"SELECT substr(ts, 1, {r.width}) AS b, value, COUNT(*) FROM events "
         "WHERE type = 'escalated' AND ts >= ? AND ts < ? GROUP BY b, value",
         r.bounds,
     ).fetchall()
-    started = dict(conn.execute(
+    started = dict(_execute(
+        conn,
         f"SELECT substr(created_at, 1, {r.width}) AS b, COUNT(*) FROM conversations "
         "WHERE created_at >= ? AND created_at < ? GROUP BY b",
         r.bounds,
     ).fetchall())
     # The escalated conversations of the range as a set first (events has no index on
     # conversation_id, so a join driven from conversations would scan it per row).
-    escalated = dict(conn.execute(
+    escalated = dict(_execute(
+        conn,
         f"SELECT substr(created_at, 1, {r.width}) AS b, COUNT(*) FROM conversations "
         "WHERE created_at >= ? AND created_at < ? AND id IN (SELECT conversation_id "
         "FROM events WHERE type = 'escalated' AND ts >= ? AND ts < ?) GROUP BY b",
@@ -311,7 +441,7 @@ def escalations(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
         "escalated_conversations": escalated_started,
         "rate": [round(e / c, 4) if c else None
                  for e, c in zip(escalated_started, conversations, strict=True)],
-        "reasons": dict(reasons.most_common()),
+        "reasons": _ranked(reasons),
         "total": total,
         "conversations_total": total_started,
         "escalated_conversations_total": total_escalated,
@@ -327,28 +457,49 @@ def _percentile(values: list[float], q: float) -> float | None:
     return values[max(0, math.ceil(q * len(values)) - 1)]
 
 
-def operators(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
+def _moment(value: str | None) -> datetime | None:
+    """A stored timestamp; ``None`` for none or one that is not ISO (SQL's NULL)."""
+    if value is None:
+        return None
+    try:
+        return as_utc(datetime.fromisoformat(value))
+    except ValueError:
+        return None
+
+
+def _minutes(start: datetime | None, end: datetime | None) -> float | None:
+    """In Python, not in SQL: the databases' date arithmetic differs (SQLite's julianday
+    is a float of days), and these must come out the same from both."""
+    if start is None or end is None:
+        return None
+    return (end - start).total_seconds() / 60
+
+
+def operators(conn: Conn, r: TimeRange) -> dict[str, Any]:
     """Minutes to the first operator reply and to resolution, for tickets opened in range;
     and the tickets nobody has answered yet (medians alone would hide them)."""
     now = min(r.end, datetime.now(UTC))
-    rows = conn.execute(
-        f"SELECT substr(created_at, 1, {r.width}), "
-        "(julianday(first_response_at) - julianday(created_at)) * 1440, "
-        "CASE WHEN state = 'resolved' THEN "
-        "(julianday(closed_at) - julianday(created_at)) * 1440 END, "
-        "CASE WHEN first_response_at IS NULL AND state IN ('open', 'claimed') THEN "
-        "(julianday(?) - julianday(created_at)) * 1440 END "
-        "FROM tickets WHERE created_at >= ? AND created_at < ?",
-        (iso(now), *r.bounds),
+    rows = _execute(
+        conn,
+        f"SELECT substr(created_at, 1, {r.width}), created_at, first_response_at, closed_at, "
+        "state FROM tickets WHERE created_at >= ? AND created_at < ?",
+        r.bounds,
     ).fetchall()
     first: dict[str, list[float]] = {}
     resolve: dict[str, list[float]] = {}
-    waits = [row[3] for row in rows if row[3] is not None]
-    for bucket, to_first, to_resolve, _ in rows:
+    waits: list[float] = []
+    for bucket, created_at, first_response_at, closed_at, state in rows:
+        created = _moment(created_at)
+        to_first = _minutes(created, _moment(first_response_at))
         if to_first is not None:
             first.setdefault(bucket, []).append(to_first)
+        to_resolve = _minutes(created, _moment(closed_at)) if state == "resolved" else None
         if to_resolve is not None:
             resolve.setdefault(bucket, []).append(to_resolve)
+        wait = _minutes(created, now) if first_response_at is None and state in (
+            "open", "claimed") else None
+        if wait is not None:
+            waits.append(wait)
     labels = r.labels()
 
     def medians(groups: dict[str, list[float]]) -> list[float | None]:
@@ -386,9 +537,10 @@ def feedback_score(value: str | None) -> int:
     return 0
 
 
-def feedback(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
+def feedback(conn: Conn, r: TimeRange) -> dict[str, Any]:
     """Reactions and /feedback per bucket: positive, negative, other."""
-    rows = conn.execute(
+    rows = _execute(
+        conn,
         f"SELECT substr(ts, 1, {r.width}) AS b, value, COUNT(*) FROM events "
         "WHERE type = 'feedback' AND ts >= ? AND ts < ? GROUP BY b, value",
         r.bounds,
@@ -405,7 +557,7 @@ def feedback(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
         "positive": _series(labels, groups[1]),
         "negative": _series(labels, groups[-1]),
         "other": _series(labels, groups[0]),
-        "top_values": dict(values.most_common(8)),
+        "top_values": _ranked(values, 8),
         "score": round((pos - neg) / (pos + neg), 3) if pos + neg else None,
         "total": sum(values.values()),
     }
@@ -425,12 +577,14 @@ def _items(conn: sqlite3.Connection, type_: str, hint: str) -> list[str]:
     return [row[0] for row in rows]
 
 
-def suggestions(conn: sqlite3.Connection, r: TimeRange, limit: int = 15) -> dict[str, Any]:
-    """Click-through by article: clicks over times shown, most shown first."""
+def suggestions(conn: Conn, r: TimeRange, limit: int = 15) -> dict[str, Any]:
+    """Click-through by article: clicks over times shown, most shown first. SQLite with
+    its index counts per article by seeks; otherwise (PostgreSQL, or no index) one
+    grouped count."""
     hint = _index(conn, "events_analytics_article")
     counts: dict[str, list[int]] = {}
     for slot, type_ in enumerate(("suggestion_shown", "suggestion_clicked")):
-        if hint:
+        if hint and isinstance(conn, sqlite3.Connection):
             for item in _items(conn, type_, hint):
                 n = conn.execute(
                     f"SELECT COUNT(*) FROM events{hint} WHERE type = ? AND item_id = ? "
@@ -440,7 +594,8 @@ def suggestions(conn: sqlite3.Connection, r: TimeRange, limit: int = 15) -> dict
                 if n:
                     counts.setdefault(item, [0, 0])[slot] = n
         else:
-            for item, n in conn.execute(
+            for item, n in _execute(
+                conn,
                 "SELECT item_id, COUNT(*) FROM events WHERE type = ? AND ts >= ? AND ts < ? "
                 "AND item_id IS NOT NULL GROUP BY item_id",
                 (type_, *r.bounds),
@@ -465,21 +620,23 @@ def terms(text: str) -> set[str]:
 
 
 def topics(
-    conn: sqlite3.Connection, r: TimeRange, limit: int = 10, *, negative_only: bool = False,
+    conn: Conn, r: TimeRange, limit: int = 10, *, negative_only: bool = False,
     sample: int = TOPIC_SAMPLE, redact: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
     """The words customers use most (in their latest ``sample`` messages of the range),
     with how often a message using them was negative and the most negative example.
 
     ``redact`` runs on the whole example before it is cut to 200 characters, so a cut
-    cannot leave half an e-mail address that the redaction no longer recognises.
+    cannot leave half an e-mail address that the redaction no longer recognises. Messages
+    of one instant are taken newest id first, so both databases sample the same ones.
     """
     where = " AND sentiment = 'negative'" if negative_only else ""
-    rows = conn.execute(
+    rows = _execute(
+        conn,
         "SELECT text, sentiment, p_negative FROM messages"
         f"{_index(conn, 'messages_analytics_customer')} "
         "WHERE direction = 'in' AND kind = 'text' AND created_at >= ? AND created_at < ?"
-        f"{where} ORDER BY created_at DESC LIMIT ?",
+        f"{where} ORDER BY created_at DESC, id DESC LIMIT ?",
         (*r.bounds, sample),
     ).fetchall()
     counts: Counter[str] = Counter()
@@ -498,12 +655,12 @@ def topics(
         "topics": [
             {"term": term, "messages": n, "share_negative": round(negative[term] / n, 3),
              "example": (redact(example[term][1]) if redact else example[term][1])[:200]}
-            for term, n in counts.most_common(limit)
+            for term, n in _ranked(counts, limit).items()
         ],
     }
 
 
-def generator(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
+def generator(conn: Conn, r: TimeRange) -> dict[str, Any]:
     """Bot replies per bucket: mean time to first token and to the whole reply, failures."""
     hint = _index(conn, "messages_analytics_bot")
     where = (f"FROM messages{hint} WHERE direction = 'out' AND sender = 'bot' AND status = ? "
@@ -512,22 +669,23 @@ def generator(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
         conn, r, f"SELECT COUNT(*), AVG(latency_ms), AVG(first_token_ms) {where}", ("sent",)
     )
     failed = _per_bucket(
-        conn, r, f"SELECT COUNT(*), SUM(COALESCE(error, '') != ?) {where}", (HANDED_OVER, "failed")
+        conn, r, f"SELECT COUNT(*), COUNT(CASE WHEN COALESCE(error, '') <> ? THEN 1 END) {where}",
+        (HANDED_OVER, "failed"),
     )
     # (replies, real failures, mean latency, mean first token, sent)
     by = {b: (sent[b][0] + failed[b][0], failed[b][1], sent[b][1], sent[b][2], sent[b][0])
           for b in sent}
     labels = r.labels()
     replies = [by[b][0] for b in labels]
-    failed = [by[b][1] or 0 for b in labels]
-    total, total_failed = sum(replies), sum(failed)
+    failures = [by[b][1] for b in labels]
+    total, total_failed = sum(replies), sum(failures)
     weighted = [(by[b][4], by[b][2]) for b in labels if by[b][2] is not None]
     n_sent = sum(n for n, _ in weighted)
     return {
         "labels": labels,
         "replies": replies,
-        "failed": failed,
-        "failure_rate": [round(f / n, 4) if n else None for f, n in zip(failed, replies,
+        "failed": failures,
+        "failure_rate": [round(f / n, 4) if n else None for f, n in zip(failures, replies,
                                                                        strict=True)],
         "latency_ms_mean": [_round(by[b][2], 1) for b in labels],
         "first_token_ms_mean": [_round(by[b][3], 1) for b in labels],
@@ -539,7 +697,7 @@ def generator(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
     }
 
 
-QUERIES: dict[str, Callable[[sqlite3.Connection, TimeRange], dict[str, Any]]] = {
+QUERIES: dict[str, Callable[[Conn, TimeRange], dict[str, Any]]] = {
     "sentiment": sentiment,
     "escalations": escalations,
     "operators": operators,
@@ -550,7 +708,7 @@ QUERIES: dict[str, Callable[[sqlite3.Connection, TimeRange], dict[str, Any]]] = 
 }
 
 
-def dashboard(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
+def dashboard(conn: Conn, r: TimeRange) -> dict[str, Any]:
     """Every chart's data for a range, and how long each query took (ms)."""
     out: dict[str, Any] = {"start": iso(r.start), "end": iso(r.end), "bucket": r.bucket}
     timings = {}
@@ -566,47 +724,106 @@ def dashboard(conn: sqlite3.Connection, r: TimeRange) -> dict[str, Any]:
 
 
 class Analytics:
-    """The queries on a read-only connection owned by one worker thread."""
+    """The queries on a read-only connection owned by one worker thread: the SQLite file
+    at ``path`` or the PostgreSQL database at ``url`` (password included)."""
 
-    __slots__ = ("_conn", "_executor", "path")
+    __slots__ = ("_conn", "_executor", "path", "url")
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None = None, *, url: str | None = None) -> None:
+        if (path is None) == (url is None):
+            raise ValueError("Analytics reads a SQLite path or a PostgreSQL url: give one")
+        self.path = Path(path) if path is not None else None
+        self.url = url
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="analytics")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Conn | None = None
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    @property
+    def where(self) -> str:
+        """The database, fit for messages and logs (never the password)."""
+        return describe_url(self.url) if self.url is not None else str(self.path)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.OperationalError as exc:
-            raise AnalyticsError(f"{self.path}: {exc}") from exc
+            return await loop.run_in_executor(self._executor, fn)
+        except (sqlite3.OperationalError, psycopg.Error) as exc:
+            raise AnalyticsError(f"{self.where}: {exc}") from exc
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> Conn:
         if self._conn is None:
-            ensure_indexes(self.path)
-            self._conn = connect_readonly(self.path)
+            if self.url is not None:
+                self._conn = connect_postgres(self.url)
+            else:
+                assert self.path is not None
+                ensure_indexes(self.path)
+                self._conn = connect_readonly(self.path)
         return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _read(self, fn: Callable[[Conn], T]) -> T:
+        """``fn`` on the connection. A PostgreSQL connection found lost (a server restart,
+        a failover) is replaced and ``fn`` run once more: it only reads."""
+        conn = self._connection()
+        try:
+            return fn(conn)
+        except psycopg.OperationalError:
+            if not (isinstance(conn, psycopg.Connection) and conn.broken):
+                raise
+            self._drop()
+        return fn(self._connection())
+
+    async def ensure_indexes(self) -> list[str]:
+        """Create the analytics indexes that are missing (on a connection of its own: this
+        one is read-only); returns the names created."""
+        url, path = self.url, self.path
+        if url is not None:
+            return await self._run(lambda: ensure_pg_indexes(url))
+        assert path is not None
+        return await self._run(lambda: ensure_indexes(path))
 
     async def open(self) -> None:
         await self._run(self._connection)
 
     async def dashboard(self, r: TimeRange) -> dict[str, Any]:
-        return await self._run(lambda: dashboard(self._connection(), r))
+        return await self._run(lambda: self._read(lambda conn: dashboard(conn, r)))
 
     async def query(self, name: str, r: TimeRange, **kwargs: Any) -> dict[str, Any]:
         fn = QUERIES[name]
-        return await self._run(lambda: fn(self._connection(), r, **kwargs))
+        return await self._run(lambda: self._read(lambda conn: fn(conn, r, **kwargs)))
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def call(self, fn: Callable[[Conn], T]) -> T:
         """Any read on this connection, in the worker thread (the report uses it)."""
-        return await self._run(lambda: fn(self._connection()))
+        return await self._run(lambda: self._read(fn))
 
     async def close(self) -> None:
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await self._run(shut)
+        await self._run(self._drop)
         await asyncio.to_thread(self._executor.shutdown, True)
+
+
+async def open_analytics(
+    store: SQLiteStore | PostgresStore, *, create_indexes: bool = False
+) -> Analytics:
+    """The analytics of an opened store, on a read-only connection of their own, connected
+    now so that a problem shows at start rather than on the first chart. With
+    ``create_indexes`` the missing analytics indexes are built first (the service does,
+    before it takes traffic; anything else only reads)."""
+    if isinstance(store, SQLiteStore):
+        reader = Analytics(store.path)
+    elif isinstance(store, PostgresStore):
+        reader = Analytics(url=store.url)
+    else:
+        raise TypeError(f"no analytics for {type(store).__name__}")
+    try:
+        if create_indexes:
+            created = await reader.ensure_indexes()
+            if created:
+                log.info("created analytics indexes: %s", ", ".join(created))
+        await reader.open()
+    except BaseException:
+        await reader.close()
+        raise
+    return reader

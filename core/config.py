@@ -101,14 +101,6 @@ class StoreSettings:
                              f"'store.pool_max' ({self.pool_max})")
         return self
 
-    def sqlite_file(self, what: str, source: str) -> Path:
-        """The SQLite file, for tools that read it directly: on PostgreSQL they would read
-        a stale file or none, so they are stopped with the reason instead."""
-        if self.url:
-            raise ConfigError(f"{source}: {what} reads the SQLite store only for now, and "
-                              "store.url points at PostgreSQL (pass --db with a SQLite file)")
-        return Path(self.path)
-
 
 @dataclass(frozen=True, config=_STRICT)
 class GeneratorSettings:

@@ -1,22 +1,22 @@
 """The periodic sentiment report: a PNG chart and a short text summary for operators.
 
-Numbers come from :mod:`core.analytics` (the same queries as the analytics page), for
-one period and the one before it. The chart is drawn with matplotlib's Agg canvas on a
-``Figure`` object (no pyplot global state, so it is safe in a worker thread). Example
-messages are redacted of personal data before they leave the database.
+Numbers come from :mod:`core.analytics` (the same queries as the analytics page, on
+SQLite or PostgreSQL), for one period and the one before it. The chart is drawn with
+matplotlib's Agg canvas on a ``Figure`` object (no pyplot global state, so it is safe in a
+worker thread). Example messages are redacted of personal data before they leave the
+database.
 """
 
 from __future__ import annotations
 
 import io
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from core import analytics
-from core.analytics import TimeRange
+from core.analytics import Conn, TimeRange
 from core.pii import redact_pii
 
 LABEL_COLORS = {"negative": "#d64545", "neutral": "#9aa5b8", "positive": "#2e9d4a"}
@@ -64,7 +64,8 @@ class Report:
     chart_png: bytes
 
 
-def collect(conn: sqlite3.Connection, r: TimeRange, topics: int = 3) -> ReportData:
+def collect(conn: Conn, r: TimeRange, topics: int = 3) -> ReportData:
+    """The numbers, from the store's SQLite file or its PostgreSQL database alike."""
     now, before = analytics.sentiment(conn, r), analytics.sentiment(conn, r.previous())
     esc, esc_before = analytics.escalations(conn, r), analytics.escalations(conn, r.previous())
     negative = analytics.topics(conn, r, topics, negative_only=True, redact=redact_pii)["topics"]
@@ -177,7 +178,7 @@ def _tick(label: str, bucket: str) -> str:
     return f"{label[5:10]} {label[11:13]}h" if bucket == "hour" else label[5:10]
 
 
-def build(conn: sqlite3.Connection, r: TimeRange) -> Report:
+def build(conn: Conn, r: TimeRange) -> Report:
     data = collect(conn, r)
     return Report(data, summarize(data), render_chart(data))
 

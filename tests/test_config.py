@@ -155,9 +155,10 @@ def test_pool_and_replica_settings_are_validated(tmp_path: Path) -> None:
         assert str(path) in str(err.value) and key in str(err.value), text
 
 
-def test_sqlite_readers_refuse_a_postgresql_store(tmp_path: Path) -> None:
-    """``supportbot report`` reads the SQLite file; on PostgreSQL it says why it cannot."""
-    path = write(tmp_path, '[store]\nurl = "postgresql://bot@db/support"\n')
+def test_report_on_an_unreachable_postgresql_names_the_database(tmp_path: Path) -> None:
+    """``supportbot report`` reads the store the config names, PostgreSQL too; one it
+    cannot reach is named in a one-line error, not a traceback."""
+    path = write(tmp_path, '[store]\nurl = "postgresql://bot@db.invalid/support"\n')
     result = subprocess.run(
         [sys.executable, "-m", "bots.cli", "report", "--config", str(path),
          "--out", str(tmp_path / "out")],
@@ -165,4 +166,4 @@ def test_sqlite_readers_refuse_a_postgresql_store(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert f"{path}: supportbot report reads the SQLite store only" in result.stderr
+    assert "error: postgresql://bot@db.invalid/support: " in result.stderr
