@@ -30,7 +30,8 @@ from core.store import SQLiteStore
 from tests.conftest import make_settings
 from tests.fakes.chat_driver import ScriptedGenerator, settled
 from tests.fakes.discord_api import Json
-from tests.fakes.discord_driver import World, discord_world
+from tests.fakes.discord_driver import World, discord_world, texts_in
+from tests.test_discord import ANGRY
 
 SHARDS = 2
 
@@ -57,8 +58,8 @@ async def classifier() -> AsyncIterator[Any]:
 
 
 @contextlib.asynccontextmanager
-async def replicas(world: World, support: list[Json], classifier: Any, tmp_path: Path
-                   ) -> AsyncIterator[tuple[SQLiteStore, list[Replica]]]:
+async def replicas(world: World, support: list[Json], classifier: Any, tmp_path: Path,
+                   **discord_extra: Any) -> AsyncIterator[tuple[SQLiteStore, list[Replica]]]:
     """Every shard's replica started as the service starts one (leases, then recovery).
     The sweep is slowed so that no replica takes up another's conversation in the test."""
     fake = world.fake
@@ -66,7 +67,7 @@ async def replicas(world: World, support: list[Json], classifier: Any, tmp_path:
         "enabled": True, "api_base": fake.api_base, "gateway_url": fake.gateway_url,
         "support_channel_ids": [int(c["id"]) for c in support],
         "guild_ready_timeout_s": 0.05, "edit_interval_s": 0.2, "typing_interval_s": 0.5,
-        "shard_id": shard, "shard_count": SHARDS,
+        "shard_id": shard, "shard_count": SHARDS, **discord_extra,
     }) for shard in range(SHARDS)]
     store = SQLiteStore(Path(configs[0].store.path))
     await store.open()
@@ -134,6 +135,43 @@ async def test_each_message_is_answered_once_by_the_shard_that_owns_it(
             [row] = await store.query("SELECT COUNT(*) AS n FROM messages "
                                       "WHERE direction = 'out'")
             assert row["n"] == len(asked)
+
+
+async def test_an_escalation_on_one_shard_is_served_in_one_thread_from_both(
+        classifier: Any, tmp_path: Path) -> None:
+    """The customer's guild is one shard's, the operator channel's guild the other's: the
+    customer's news is posted by one replica, the operator's actions by the other, all in
+    the one thread, each change once."""
+    async with discord_world() as world:
+        fake = world.fake
+        ops_shard = fake.shard_of(world.guild["id"], SHARDS)
+        south = fake.add_guild("South", shard=(1 - ops_shard, SHARDS))
+        shop = fake.add_text_channel(south, "support")
+        fake.add_member(south, world.bob)
+        async with replicas(world, [shop], classifier, tmp_path,
+                            operator_channel_id=int(world.ops["id"]),
+                            operator_role_id=int(world.operator_role["id"])) as (store, _):
+            for text in ANGRY:
+                await fake.user_message(shop, world.bob, text)
+            await settled(store, inbound=len(ANGRY))
+            await fake.wait_until(lambda: fake.threads_of(world.ops["id"]))
+            [thread] = fake.threads_of(world.ops["id"])
+
+            said = "Hi Bob, I'm Olga. Your refund is on its way."
+            await fake.user_message(thread, world.olga, said)  # reaches the ops shard only
+            await fake.wait_until(lambda: any(said in t for t in texts_in(fake, shop)))
+            claimed = f"Claimed by <@{world.olga['id']}>."
+            await fake.wait_until(lambda: claimed in texts_in(fake, thread))
+            await fake.user_message(shop, world.bob, "Thank you so much!")  # the other shard
+            await fake.wait_until(
+                lambda: "**Customer:**\n> Thank you so much!" in texts_in(fake, thread))
+            await asyncio.sleep(0.5)
+
+            assert [t["id"] for t in fake.threads_of(world.ops["id"])] == [thread["id"]]
+            posted = texts_in(fake, thread)
+            assert posted.count(claimed) == 1, posted
+            assert posted.count("**Customer:**\n> Thank you so much!") == 1, posted
+            assert [t for t in texts_in(fake, shop) if said in t] != []
 
 
 def write(tmp_path: Path, discord: str) -> Path:
