@@ -174,6 +174,14 @@ def check_channel(channel: str) -> str:
     return channel
 
 
+TAKE_LEASE = (
+    "INSERT INTO conversation_leases (conversation_id, owner, expires_at) "
+    "VALUES (:id, :owner, :until) ON CONFLICT (conversation_id) DO UPDATE "
+    "SET owner = excluded.owner, expires_at = excluded.expires_at "
+    "WHERE conversation_leases.expires_at <= :now "
+    "OR conversation_leases.owner = excluded.owner RETURNING owner"
+)
+"""A conversation's lease taken: free, lapsed, or the taker's own (renewed)."""
 UNANSWERED_SELECT = (
     "SELECT m.*, c.conversation_key, c.user_id, c.state, u.platform_user_id, u.display_name "
     "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
@@ -606,14 +614,9 @@ class SQLiteStore:
 
         def op(db: sqlite_utils.Database) -> bool:
             now = time.time()
-            return bool(db.execute(
-                "INSERT INTO conversation_leases (conversation_id, owner, expires_at) "
-                "VALUES (:id, :owner, :until) ON CONFLICT (conversation_id) DO UPDATE "
-                "SET owner = excluded.owner, expires_at = excluded.expires_at "
-                "WHERE conversation_leases.expires_at <= :now "
-                "OR conversation_leases.owner = excluded.owner RETURNING owner",
-                {"id": conversation_id, "owner": owner, "until": now + ttl_s, "now": now},
-            ).fetchall())
+            return bool(db.execute(TAKE_LEASE, {
+                "id": conversation_id, "owner": owner, "until": now + ttl_s, "now": now,
+            }).fetchall())
 
         return await self._run(self._tx, op)
 
@@ -636,14 +639,9 @@ class SQLiteStore:
 
         def op(db: sqlite_utils.Database) -> str | None:
             now = time.time()
-            if not db.execute(
-                "INSERT INTO conversation_leases (conversation_id, owner, expires_at) "
-                "VALUES (:id, :owner, :until) ON CONFLICT (conversation_id) DO UPDATE "
-                "SET owner = excluded.owner, expires_at = excluded.expires_at "
-                "WHERE conversation_leases.expires_at <= :now "
-                "OR conversation_leases.owner = excluded.owner RETURNING owner",
-                {"id": conversation_id, "owner": owner, "until": now + ttl_s, "now": now},
-            ).fetchall():
+            if not db.execute(TAKE_LEASE, {
+                "id": conversation_id, "owner": owner, "until": now + ttl_s, "now": now,
+            }).fetchall():
                 return None
             row = db.execute("SELECT status FROM messages WHERE id = ? AND direction = 'in'",
                              [message_id]).fetchone()

@@ -219,6 +219,14 @@ PG_MIGRATIONS: Sequence[str] = (
     """,
 )
 
+PG_TAKE_LEASE = (
+    "INSERT INTO conversation_leases AS l (conversation_id, owner, expires_at) "
+    f"VALUES (%(id)s, %(owner)s, {PG_NOW} + %(ttl)s) ON CONFLICT (conversation_id) "
+    "DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
+    f"WHERE l.expires_at <= {PG_NOW} OR l.owner = EXCLUDED.owner RETURNING l.owner"
+)
+"""See :data:`core.store.TAKE_LEASE`."""
+
 PG_MARK_REPLIED_ANSWERED = (
     "UPDATE messages SET status = 'answered' WHERE direction = 'in' AND status IN "
     "('received', 'processing') AND id <> ALL(%s::bigint[]) "
@@ -738,10 +746,7 @@ class PostgresStore:
         second waits for the first's row and then finds it live and not its own."""
         row = await self._single(lambda conn: _one(
             conn,
-            "INSERT INTO conversation_leases AS l (conversation_id, owner, expires_at) "
-            f"VALUES (%(id)s, %(owner)s, {PG_NOW} + %(ttl)s) ON CONFLICT (conversation_id) "
-            "DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at "
-            f"WHERE l.expires_at <= {PG_NOW} OR l.owner = EXCLUDED.owner RETURNING l.owner",
+            PG_TAKE_LEASE,
             {"id": conversation_id, "owner": _text(owner), "ttl": float(ttl_s)},
         ))
         return row is not None
@@ -764,11 +769,7 @@ class PostgresStore:
         taken in a CTE, the status read beside it."""
         row = await self._single(lambda conn: _one(
             conn,
-            "WITH lease AS (INSERT INTO conversation_leases AS l (conversation_id, owner, "
-            f"expires_at) VALUES (%(id)s, %(owner)s, {PG_NOW} + %(ttl)s) "
-            "ON CONFLICT (conversation_id) DO UPDATE SET owner = EXCLUDED.owner, "
-            f"expires_at = EXCLUDED.expires_at WHERE l.expires_at <= {PG_NOW} "
-            "OR l.owner = EXCLUDED.owner RETURNING l.owner) "
+            f"WITH lease AS ({PG_TAKE_LEASE}) "
             "SELECT (SELECT status FROM messages WHERE id = %(message)s AND direction = 'in') "
             "AS status FROM lease",
             {"id": conversation_id, "owner": _text(owner), "ttl": float(ttl_s),

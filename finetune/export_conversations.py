@@ -24,13 +24,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import ConfigError, StoreSettings
+from core.config import ConfigError
 from core.pii import redact_pii
 from finetune import tool
 from finetune.conversations import Example, Turn, write_jsonl
 from finetune.export_events import (
     Database,
     ExportError,
+    add_database_arguments,
     locate_database,
     open_database,
     parse_since,
@@ -144,16 +145,7 @@ def export(db: Database, out: Path, options: Options) -> Summary:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--db", default=None,
-        help="the service's database: a SQLite file or a postgresql:// URL, its password "
-             f"from ${StoreSettings().password_env} (default: [store] of --config)",
-    )
-    parser.add_argument(
-        "--config", default=None,
-        help="config file naming the database when --db is not given (default: "
-             "config.toml when there is one, else data/supportbot.db)",
-    )
+    add_database_arguments(parser)
     parser.add_argument("--out", default="conversations.jsonl",
                         help="JSONL file to write (default conversations.jsonl)")
     parser.add_argument("--since", default=None,

@@ -291,7 +291,8 @@ def format_click_through(rows: Sequence[ClickThrough]) -> str:
     return "\n".join([*table("arm", by_arm), "", *table("article", by_item)])
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
+def add_database_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--db`` and ``--config``, as every reader of the service's database takes them."""
     parser.add_argument(
         "--db", default=None,
         help="the service's database: a SQLite file or a postgresql:// URL, its password "
@@ -302,6 +303,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="config file naming the database when --db is not given (default: "
              "config.toml when there is one, else data/supportbot.db)",
     )
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_database_arguments(parser)
     parser.add_argument("--out", required=True, help="file to write (.csv or .parquet)")
     parser.add_argument(
         "--format", choices=FORMATS, default=None,

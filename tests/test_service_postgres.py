@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -206,46 +207,55 @@ class _Replica:
         return f"http://127.0.0.1:{self.web.port}"
 
 
+@contextlib.asynccontextmanager
+async def _two_replicas(pg_cluster: Cluster, tmp_path: Path, *, relay_a: bool = True
+                        ) -> AsyncIterator[tuple[_Replica, _Replica]]:
+    """Two replicas' web adapters on one new database."""
+    url = pg_cluster.create_database()
+    settings = make_settings(tmp_path, store={"url": url})
+    a = await _Replica(settings, url, relay=relay_a).start()
+    try:
+        b = await _Replica(settings, url).start()
+        try:
+            yield a, b
+        finally:
+            await b.stop()
+    finally:
+        await a.stop()
+
+
 async def test_frames_reach_a_customer_whose_socket_is_on_another_replica(
     pg_cluster: Cluster, tmp_path: Path,
 ) -> None:
-    url = pg_cluster.create_database()
-    settings = make_settings(tmp_path, store={"url": url})
-    a = await _Replica(settings, url).start()
-    b = await _Replica(settings, url).start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            on_b = await Customer.connect(http, b.base, "relayed-session")
-            on_a = await Customer.connect(http, a.base, "relayed-session")
-            await a.web.broadcast("relayed-session", {"type": "typing", "reply": "r1"})
-            await a.web.broadcast("relayed-session", {"type": "delta", "reply": "r1",
-                                                      "text": "Ça arrive — demain"})
-            await a.web.broadcast("other-session", {"type": "typing", "reply": "r2"})
-            assert (await on_b.next_frame(10))["type"] == "typing"
-            assert (await on_b.next_frame(10))["text"] == "Ça arrive — demain"
-            assert [(await on_a.next_frame(10))["type"] for _ in range(2)] == ["typing", "delta"]
+    async with _two_replicas(pg_cluster, tmp_path) as (a, b), aiohttp.ClientSession() as http:
+        on_b = await Customer.connect(http, b.base, "relayed-session")
+        on_a = await Customer.connect(http, a.base, "relayed-session")
+        await a.web.broadcast("relayed-session", {"type": "typing", "reply": "r1"})
+        await a.web.broadcast("relayed-session", {"type": "delta", "reply": "r1",
+                                                  "text": "Ça arrive — demain"})
+        await a.web.broadcast("other-session", {"type": "typing", "reply": "r2"})
+        assert (await on_b.next_frame(10))["type"] == "typing"
+        assert (await on_b.next_frame(10))["text"] == "Ça arrive — demain"
+        assert [(await on_a.next_frame(10))["type"] for _ in range(2)] == ["typing", "delta"]
 
-            # Back the other way; the sender's own tab gets each frame once.
-            await b.web.broadcast("relayed-session", {"type": "abort", "reply": "r1"})
-            assert (await on_a.next_frame(10))["type"] == "abort"
-            assert (await on_b.next_frame(10))["type"] == "abort"
-            with pytest.raises(asyncio.TimeoutError):
-                await on_b.next_frame(1.0)
-            with pytest.raises(asyncio.TimeoutError):
-                await on_a.next_frame(0.2)
+        # Back the other way; the sender's own tab gets each frame once.
+        await b.web.broadcast("relayed-session", {"type": "abort", "reply": "r1"})
+        assert (await on_a.next_frame(10))["type"] == "abort"
+        assert (await on_b.next_frame(10))["type"] == "abort"
+        with pytest.raises(asyncio.TimeoutError):
+            await on_b.next_frame(1.0)
+        with pytest.raises(asyncio.TimeoutError):
+            await on_a.next_frame(0.2)
 
-            # A frame too long for one NOTIFY arrives whole; malformed relays are dropped.
-            await a.store.publish(RELAY_CHANNEL, "not json")
-            await a.store.publish(RELAY_CHANNEL, json.dumps({"key": "relayed-session"}))
-            long_text = "Suivez votre colis ici. " * 600
-            await a.web.broadcast("relayed-session", {"type": "delta", "text": long_text})
-            assert (await on_a.next_frame(10))["text"] == long_text
-            assert (await on_b.next_frame(10))["text"] == long_text
-            with pytest.raises(asyncio.TimeoutError):
-                await on_b.next_frame(1.0)
-    finally:
-        await b.stop()
-        await a.stop()
+        # A frame too long for one NOTIFY arrives whole; malformed relays are dropped.
+        await a.store.publish(RELAY_CHANNEL, "not json")
+        await a.store.publish(RELAY_CHANNEL, json.dumps({"key": "relayed-session"}))
+        long_text = "Suivez votre colis ici. " * 600
+        await a.web.broadcast("relayed-session", {"type": "delta", "text": long_text})
+        assert (await on_a.next_frame(10))["text"] == long_text
+        assert (await on_b.next_frame(10))["text"] == long_text
+        with pytest.raises(asyncio.TimeoutError):
+            await on_b.next_frame(1.0)
 
 
 async def test_a_tab_opened_while_another_replica_sends_a_reply_still_gets_it(
@@ -253,43 +263,28 @@ async def test_a_tab_opened_while_another_replica_sends_a_reply_still_gets_it(
 ) -> None:
     """The reply's frame went out before the tab was there, and the reply is not stored
     as sent yet (so not in the hello's transcript): the tab gets it right after its hello."""
-    url = pg_cluster.create_database()
-    settings = make_settings(tmp_path, store={"url": url})
-    a = await _Replica(settings, url).start()
-    b = await _Replica(settings, url).start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            await a.web.broadcast("late-session", {"type": "delta", "reply": "r7", "text": "Y"})
-            await a.web.broadcast("late-session", {"type": "reply", "reply": "r7",
-                                                   "sender": "bot", "text": "Yes, we do."})
-            await a.web.broadcast("other-session", {"type": "reply", "reply": "r8",
-                                                    "sender": "bot", "text": "Not yours."})
-            await asyncio.sleep(1.0)  # relayed to b, where no tab of the session is open
-            late = await Customer.connect(http, b.base, "late-session")
-            frame = await late.next_frame(10)
-            assert (frame["type"], frame["reply"], frame["text"]) == ("reply", "r7", "Yes, we do.")
-            with pytest.raises(asyncio.TimeoutError):
-                await late.next_frame(1.0)
-    finally:
-        await b.stop()
-        await a.stop()
+    async with _two_replicas(pg_cluster, tmp_path) as (a, b), aiohttp.ClientSession() as http:
+        await a.web.broadcast("late-session", {"type": "delta", "reply": "r7", "text": "Y"})
+        await a.web.broadcast("late-session", {"type": "reply", "reply": "r7",
+                                               "sender": "bot", "text": "Yes, we do."})
+        await a.web.broadcast("other-session", {"type": "reply", "reply": "r8",
+                                                "sender": "bot", "text": "Not yours."})
+        await asyncio.sleep(1.0)  # relayed to b, where no tab of the session is open
+        late = await Customer.connect(http, b.base, "late-session")
+        frame = await late.next_frame(10)
+        assert (frame["type"], frame["reply"], frame["text"]) == ("reply", "r7", "Yes, we do.")
+        with pytest.raises(asyncio.TimeoutError):
+            await late.next_frame(1.0)
 
 
 async def test_without_relay_nothing_is_published(pg_cluster: Cluster, tmp_path: Path) -> None:
     """The SQLite setting (one process): broadcast stays local, as it always was."""
-    url = pg_cluster.create_database()
-    settings = make_settings(tmp_path, store={"url": url})
-    a = await _Replica(settings, url, relay=False).start()
-    b = await _Replica(settings, url).start()
-    try:
-        async with aiohttp.ClientSession() as http:
-            on_b = await Customer.connect(http, b.base, "local-session")
-            await a.web.broadcast("local-session", {"type": "typing", "reply": "r1"})
-            with pytest.raises(asyncio.TimeoutError):
-                await on_b.next_frame(1.0)
-    finally:
-        await b.stop()
-        await a.stop()
+    async with _two_replicas(pg_cluster, tmp_path, relay_a=False) as (a, b), \
+            aiohttp.ClientSession() as http:
+        on_b = await Customer.connect(http, b.base, "local-session")
+        await a.web.broadcast("local-session", {"type": "typing", "reply": "r1"})
+        with pytest.raises(asyncio.TimeoutError):
+            await on_b.next_frame(1.0)
 
 
 async def _console(http: aiohttp.ClientSession, base: str) -> aiohttp.ClientWebSocketResponse:
