@@ -22,6 +22,8 @@ import psycopg
 from psycopg import sql
 
 USER = "supportbot"
+PORT_ATTEMPTS = 3
+"""Starts tried, each on a newly picked port, when the one picked was taken meanwhile."""
 MISSING_HINT = "install the Debian package postgresql (make test does)"
 START_TIMEOUT_S = 60
 
@@ -148,7 +150,17 @@ def start_cluster() -> Cluster:
     cluster = Cluster(bin_dir, folder, as_postgres)
     try:
         cluster.init()
-        cluster.start()
+        for attempt in itertools.count(1):
+            try:
+                cluster.start()
+                break
+            except ClusterError:
+                # The port was free when picked; another process may have bound it since.
+                log = cluster.folder / "server.log"
+                taken = log.exists() and "could not bind" in log.read_text(errors="replace")
+                if not taken or attempt >= PORT_ATTEMPTS:
+                    raise
+                cluster.port = _free_port()
     except BaseException:
         cluster.cleanup()
         raise

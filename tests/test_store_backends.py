@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import json
 import logging
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from core import metrics, store_postgres
 from core.messages import Inbound, Kind, User
 from core.store import MIGRATIONS, Scores, SQLiteStore, StoredInbound, StoreError, now_iso
 from core.store_postgres import NOTIFY_LIMIT_BYTES, PG_MIGRATIONS, PostgresStore, describe_url
+from tests import postgres_cluster
 from tests.postgres_cluster import Cluster, ClusterError, start_cluster
 
 AnyStore = SQLiteStore | PostgresStore
@@ -1004,3 +1006,27 @@ def test_a_cluster_without_binaries_fails_loudly(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ClusterError, match="install the Debian package postgresql"):
         start_cluster()
 
+
+
+def test_a_cluster_whose_port_was_taken_meanwhile_starts_on_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The port is picked free, then bound later by the server: another process may take
+    it in between (parallel test runs on one box); the start is tried on a new port."""
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    picks = iter([taken])
+    real = postgres_cluster._free_port
+    monkeypatch.setattr(postgres_cluster, "_free_port", lambda: next(picks, None) or real())
+    try:
+        cluster = start_cluster()
+    finally:
+        squatter.close()
+    try:
+        assert cluster.port != taken
+        with psycopg.connect(cluster.url(), connect_timeout=10) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        cluster.cleanup()
