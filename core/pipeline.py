@@ -508,8 +508,8 @@ class Pipeline:
             try:
                 await owed.write()
             except Exception as exc:
-                if probed or not isinstance(exc, StoreError):
-                    owed.tries += 1
+                if probed or not isinstance(exc, StoreError) or exc.rejected:
+                    owed.tries += 1  # the database works: the write itself fails
                 if owed.tries < BACKLOG_MAX_TRIES:
                     raise
                 log.error("a database write failed %d times although the database works; "

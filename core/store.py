@@ -270,7 +270,14 @@ def event_row(type: EventType, **fields: Any) -> dict[str, Any]:
 
 
 class StoreError(Exception):
-    """The database refused an operation (locked, disk full, corrupt)."""
+    """The database refused an operation (locked, disk full, corrupt, a broken constraint).
+
+    ``rejected``: the operation itself was wrong (a constraint, a row that is gone), so the
+    database works and retrying the same operation cannot help."""
+
+    def __init__(self, message: str, *, rejected: bool = False) -> None:
+        super().__init__(message)
+        self.rejected = rejected
 
 
 def _is_lock(exc: sqlite3.OperationalError) -> bool:
@@ -443,6 +450,13 @@ class SQLiteStore:
                 metrics.STORE_ERRORS.labels(kind).inc()
                 log.error("database error (%s): %s", kind, exc)
                 raise StoreError(f"{self.path}: {exc}") from exc
+            except (sqlite3.DatabaseError, sqlite_utils.db.NotFoundError) as exc:
+                # A constraint, a corrupt file, a row gone: as on PostgreSQL, the caller
+                # sees a StoreError and decides what the customer is told.
+                metrics.STORE_ERRORS.labels("other").inc()
+                log.error("database error (other): %s", exc)
+                rejected = isinstance(exc, sqlite3.IntegrityError | sqlite_utils.db.NotFoundError)
+                raise StoreError(f"{self.path}: {exc}", rejected=rejected) from exc
         raise AssertionError("unreachable")
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -965,7 +979,8 @@ class SQLiteStore:
     async def tickets(self, states: Sequence[str]) -> list[dict]:
         marks = ",".join("?" for _ in states)
         return await self.query(
-            f"SELECT * FROM tickets WHERE state IN ({marks}) ORDER BY created_at", list(states)
+            f"SELECT * FROM tickets WHERE state IN ({marks}) ORDER BY created_at, id",
+            list(states),
         )
 
     # -- customers: one person's linked accounts -----------------------------------------

@@ -589,7 +589,8 @@ class PostgresStore:
                     continue
             metrics.STORE_ERRORS.labels(kind).inc()
             log.error("database error (%s) on %s: %s", kind, describe_url(self.url), error)
-            raise StoreError(f"{describe_url(self.url)}: {error}") from error
+            raise StoreError(f"{describe_url(self.url)}: {error}",
+                             rejected=isinstance(error, psycopg.IntegrityError)) from error
         raise AssertionError("unreachable")
 
     async def _tx(self, op: Op[T]) -> T:

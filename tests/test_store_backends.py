@@ -1030,3 +1030,16 @@ def test_a_cluster_whose_port_was_taken_meanwhile_starts_on_another(
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         cluster.cleanup()
+
+
+async def test_a_broken_constraint_is_a_store_error_that_says_the_write_was_rejected(
+    store: AnyStore,
+) -> None:
+    """The database works; the write is wrong: retrying it cannot help, and the error
+    says so (the pipeline's healer sets such a write aside instead of waiting on it)."""
+    question = await stored(store, inbound("m1"))
+    out = await store.begin_outbound(question.conversation_id, "web", "bot", question.message_id)
+    with pytest.raises(StoreError) as caught:
+        await store.finish_outbound(out, status="sent", reply_to=10**9)
+    assert caught.value.rejected is True
+    await store.finish_outbound(out, status="sent")  # the store goes on working
