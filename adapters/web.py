@@ -62,9 +62,9 @@ MAX_OPERATOR_BODY = 64 * 1024
 MAX_JSON_DEPTH = 8
 RELAY_CHANNEL = "supportbot_web"
 RECENT_REPLIES_S = 10.0
-"""How long a relayed reply for a session with no tab here is kept: a tab that connects
-while another replica sends a reply (after its frame went out, before it is stored as
-sent, so in neither the relay nor the transcript) is given it after its hello."""
+"""How long a reply for a session with no tab here is kept: a tab that connects while a
+reply goes out, on this replica or another (after its frame went out, before it is stored
+as sent, so in neither the live frames nor the transcript), is given it after its hello."""
 """Where customer frames go for the sockets on other replicas (PostgreSQL NOTIFY)."""
 _CSP = ("default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' blob: data:; "
         "style-src 'self'; script-src 'self'; form-action 'self'; frame-ancestors 'none'")
@@ -161,6 +161,10 @@ class _WebReply(ReplyStream):
 
     async def abort(self) -> None:
         await self._adapter.broadcast(self._key, {"type": "abort", "reply": self._id})
+
+    @property
+    def known_id(self) -> str:
+        return platform_reply_id(self._id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,7 +413,11 @@ class WebAdapter(Adapter, CustomerChannel):
     async def _send_local(self, key: str, payload: dict[str, Any]) -> None:
         """To this replica's open tabs of the session; a closed socket is dropped quietly
         (the transcript is re-sent when the customer reconnects). A tab still waiting for
-        its ``hello`` gets the frame after it, so the redraw cannot wipe it out."""
+        its ``hello`` gets the frame after it, so the redraw cannot wipe it out. A reply for
+        a session with no tab here is kept a moment for a tab about to connect (see
+        :data:`RECENT_REPLIES_S`)."""
+        if key not in self._sockets and payload.get("type") in ("reply", "message"):
+            self._keep_recent(key, payload)
         for ws in list(self._sockets.get(key, ())):
             held = self._held.get(ws)
             if held is not None:

@@ -92,6 +92,8 @@ class Customer:
     latencies: list[float] = field(default_factory=list)
     resyncs: int = 0
     """Reconnects after waiting ``RESYNC_S`` for an answer the transcript then held."""
+    waits: list[str] = field(default_factory=list)
+    """What each re-sync waited for: message, replica, wall-clock time."""
 
     async def run(self, http: aiohttp.ClientSession, fallback: str, deadline: float,
                   progress: Progress) -> None:
@@ -101,6 +103,7 @@ class Customer:
                 async with http.ws_connect(f"{self.base}/ws?session={self.session}") as ws:
                     hello = await ws.receive_json(timeout=60)
                     self.answers = sum(ln["direction"] == "out" for ln in hello["transcript"])
+                    seen = [f"hello@{time.strftime('%H:%M:%S')}:{self.answers}"]
                     for client_id in self.sent:
                         if client_id not in self.acked:
                             await ws.send_json({"type": "message", "id": client_id,
@@ -119,7 +122,10 @@ class Customer:
                             # Reconnect and read the transcript again (the page does so
                             # only when its socket drops): counted, as a miss.
                             self.resyncs += 1
+                            self.waits.append(f"{self.sent[-1]} on {self.base} at "
+                                              f"{time.strftime('%H:%M:%S')}, saw {seen}")
                             break
+                        seen.append(f"{frame['type']}@{time.strftime('%H:%M:%S')}")
                         if frame["type"] == "ack":
                             self.acked.add(frame["id"])
                         elif frame["type"] in ("reply", "message"):
@@ -195,6 +201,16 @@ def _audit(url: str) -> dict[str, int]:
     }
 
 
+def _session_rows(url: str, session: str) -> list[tuple[Any, ...]]:
+    """One web session's messages, for a re-synced tab's report."""
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT m.id, m.direction, m.sender, m.status, m.created_at, m.reply_to, "
+            "m.platform_message_id FROM messages m JOIN conversations c "
+            "ON c.id = m.conversation_id WHERE c.conversation_key = %s ORDER BY m.id",
+            [session]).fetchall()
+
+
 async def run_once(cluster: Cluster, replicas: int, args: argparse.Namespace,
                    folder: Path) -> dict[str, Any]:
     url = cluster.create_database()
@@ -236,6 +252,12 @@ async def run_once(cluster: Cluster, replicas: int, args: argparse.Namespace,
             if not (audit["lost"] or audit["duplicated"]):
                 break
             await asyncio.sleep(0.25)
+        for customer in customers:
+            if customer.waits:
+                print(f"{customer.session} re-synced: {'; '.join(customer.waits)}",
+                      file=sys.stderr)
+                for row in await asyncio.to_thread(_session_rows, url, customer.session):
+                    print(f"  {row}", file=sys.stderr)
         latencies = sorted(x for c in customers for x in c.latencies)
         answered = sum(c.answers for c in customers)
         return {

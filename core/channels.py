@@ -41,6 +41,14 @@ class ReplyStream(ABC):
     async def abort(self) -> None:
         """Withdraw a partial reply (the conversation was handed to a person)."""
 
+    @property
+    def known_id(self) -> str | None:
+        """The platform id the reply will have, where the adapter picks it before sending
+        (the web chat does): stored as the reply goes out, so one that reached the customer
+        but was never recorded as sent (its replica died) still carries it, and a tab that
+        reconnects shows it as the reply it already drew."""
+        return None
+
 
 class CustomerChannel(ABC):
     """The customer-facing side of one platform."""

@@ -1047,8 +1047,9 @@ class Pipeline:
         is never produced again), then ``sent``. Returns the latency in seconds."""
         try:
             await self._fence()
+            known = {} if stream.known_id is None else {"platform_message_id": stream.known_id}
             await self.store.finish_outbound(
-                out_id, text=reply.text, status="sending", payload=json.dumps(shown)
+                out_id, text=reply.text, status="sending", payload=json.dumps(shown), **known
             )
         except (StoreError, LeaseLost):
             await stream.abort()

@@ -174,6 +174,13 @@ def check_channel(channel: str) -> str:
     return channel
 
 
+TRANSCRIPT_LINES = (
+    "(direction = 'in' OR status = 'sent' "
+    "OR (status = 'sending' AND platform_message_id IS NOT NULL))"
+)
+"""What a transcript shows: the customer's messages, the replies sent, and those handed to
+the platform under the id the adapter chose (a replica may have died before recording them
+as sent; recovery counts them as sent, and a tab already drew them under that id)."""
 TAKE_LEASE = (
     "INSERT INTO conversation_leases (conversation_id, owner, expires_at) "
     "VALUES (:id, :owner, :until) ON CONFLICT (conversation_id) DO UPDATE "
@@ -860,8 +867,7 @@ class SQLiteStore:
         rows = await self.query(
             "SELECT id, direction, sender, text, created_at, sentiment, p_negative, "
             "platform_message_id, payload FROM "
-            "messages WHERE conversation_id = ? AND (direction = 'in' OR status = 'sent') "
-            "ORDER BY id DESC LIMIT ?",
+            f"messages WHERE conversation_id = ? AND {TRANSCRIPT_LINES} ORDER BY id DESC LIMIT ?",
             [conversation_id, limit],
         )
         return transcript_lines(rows)

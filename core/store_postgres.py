@@ -38,6 +38,7 @@ from core.messages import Inbound, User
 from core.store import (
     LOCK_RETRY_DELAYS_S,
     NO_REPLY_OUT,
+    TRANSCRIPT_LINES,
     UNANSWERED_SELECT,
     ConversationState,
     EventType,
@@ -1000,7 +1001,7 @@ class PostgresStore:
         rows = await self.query(
             "SELECT id, direction, sender, text, created_at, sentiment, p_negative, "
             "platform_message_id, payload FROM messages WHERE conversation_id = %s "
-            "AND (direction = 'in' OR status = 'sent') ORDER BY id DESC LIMIT %s",
+            f"AND {TRANSCRIPT_LINES} ORDER BY id DESC LIMIT %s",
             [conversation_id, limit],
         )
         return transcript_lines(rows)

@@ -276,6 +276,14 @@ async def test_a_tab_opened_while_another_replica_sends_a_reply_still_gets_it(
         with pytest.raises(asyncio.TimeoutError):
             await late.next_frame(1.0)
 
+        # The same on the replica that sends it (the conversation was taken over there
+        # while the customer's tab was moving to it).
+        await b.web.broadcast("moving-session", {"type": "reply", "reply": "r9",
+                                                 "sender": "bot", "text": "It ships today."})
+        moved = await Customer.connect(http, b.base, "moving-session")
+        frame = await moved.next_frame(10)
+        assert (frame["reply"], frame["text"]) == ("r9", "It ships today.")
+
 
 async def test_without_relay_nothing_is_published(pg_cluster: Cluster, tmp_path: Path) -> None:
     """The SQLite setting (one process): broadcast stays local, as it always was."""

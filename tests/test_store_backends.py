@@ -176,6 +176,25 @@ async def test_status_and_sentiment_feed_the_escalation_window(store: AnyStore) 
 # -- outbound ------------------------------------------------------------------------------
 
 
+async def test_a_reply_handed_over_under_a_known_id_is_in_the_transcript(
+    store: AnyStore,
+) -> None:
+    """Its replica died between handing it over and recording it as sent: the tab drew it
+    under that id, so a tab's transcript shows it (one with no id yet is not shown)."""
+    question = await stored(store, inbound("m1", "do you ship to Canada"))
+    cid = question.conversation_id
+    handed = await store.begin_outbound(cid, "web", "bot", question.message_id)
+    await store.finish_outbound(handed, status="sending", text="Yes, we do.",
+                                platform_message_id="web-abc123")
+    unknown = await store.begin_outbound(cid, "web", "system", None, "Hold on", status="sending")
+    lines = await store.transcript(cid)
+    assert [(x.message_id, x.text, x.platform_message_id) for x in lines] == [
+        (question.message_id, "do you ship to Canada", "m1"),
+        (handed, "Yes, we do.", "web-abc123"),
+    ]
+    assert unknown not in [x.message_id for x in lines]
+
+
 async def test_outbound_replies_transcript_and_history(store: AnyStore) -> None:
     question = await stored(store, inbound("m1", "where is my order"))
     cid = question.conversation_id

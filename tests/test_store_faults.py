@@ -648,3 +648,53 @@ async def test_operator_reply_hit_by_a_database_fault_says_check_before_repeatin
             assert r.status == 500
             assert (await r.json())["error"] == ACTION_FAILED_TEXT
         store.fault = None
+
+
+class SendingSeenStore(FlakyStore):
+    """Records what each reply carries as it is marked ``sending``."""
+
+    __slots__ = ("sending",)
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.sending: list[dict[str, Any]] = []
+
+    async def finish_outbound(self, message_id: int, **fields: Any) -> None:
+        if fields.get("status") == "sending":
+            self.sending.append(fields)
+        await super().finish_outbound(message_id, **fields)
+
+
+async def test_a_reply_never_recorded_as_sent_is_redrawn_under_its_id(tmp_path: Path) -> None:
+    """The reply reached the tab; its replica died before recording it as sent. A tab
+    that reconnects (elsewhere) is shown it under the id it drew it with, not a question
+    left without its answer."""
+    service = await _service(tmp_path, SendingSeenStore)
+    store: SendingSeenStore = service.store  # type: ignore[assignment]
+    try:
+        async with aiohttp.ClientSession() as http:
+            tab = await _tab(http, service, "died-before-sent")
+            await tab.say("How can I track my order?")
+            reply = await tab.until(lambda f: f["type"] == "reply", timeout=120)
+            await _settled(service)
+            assert [f.get("platform_message_id") for f in store.sending] == [
+                f"web-{reply['reply']}"]
+            await asyncio.to_thread(_unsend, store.path)
+            ws = await http.ws_connect(
+                f"http://127.0.0.1:{service.adapters[0].port}/ws?session=died-before-sent")
+            hello = await ws.receive_json(timeout=10)
+            await ws.close()
+    finally:
+        await _stop(service)
+    shown = [line for line in hello["transcript"] if line["direction"] == "out"]
+    assert [(line["reply"], line["text"]) for line in shown] == [(reply["reply"], reply["text"])]
+
+
+def _unsend(path: Path) -> None:
+    """The state a replica killed mid-send leaves: the reply handed over, still 'sending'."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("UPDATE messages SET status = 'sending' WHERE direction = 'out'")
+        conn.commit()
+    finally:
+        conn.close()
